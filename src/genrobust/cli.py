@@ -62,11 +62,13 @@ def cmd_generate(args):
     from .generate import create_generator, generate
     from .study import write_config
     generator = create_generator(args.generator, path=args.generator_path, steps=args.steps,
-                                 guidance=args.guidance, device=_device(args.device), batch_size=args.batch_size)
+                                 guidance=args.guidance, eta=args.eta, device=_device(args.device),
+                                 batch_size=args.batch_size)
     classes = args.classes.split(",") if args.classes else generator.classes()
+    card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed)
+    # written after the run is accepted: a refused rerun must not overwrite the folder's config
     write_config(args.out, {"command": "generate", **{k: v for k, v in vars(args).items()
                                                       if k not in ("func", "argv")}})
-    card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed)
     print(f"{card['num_images']} images ({args.strategy}) in {args.out}")
 
 
@@ -115,7 +117,7 @@ def cmd_quickstart(args):
     from .study import quickstart
     quickstart(args.out, per_class=args.per_class, ratio=args.ratio, epochs=args.epochs, model=args.model,
                seed=args.seed, generator_path=args.generator_path, steps=args.steps, guidance=args.guidance,
-               device=_device(args.device))
+               eta=args.eta, device=_device(args.device))
     print(f"results: {pathlib.Path(args.out) / 'results.jsonl'}\nreport:  {pathlib.Path(args.out) / 'report.md'}")
 
 
@@ -127,13 +129,17 @@ def _nonneg_float(text):
 
 
 def _add_device(p):
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
 
 
 def _add_sampling(p):
-    p.add_argument("--generator-path", default=None, help="local generator folder (default: the shipped one)")
+    p.add_argument("--generator-path", default=None, help="local generator folder; None = the shipped one")
     p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 = stochastic, 0 = deterministic")
+
+
+_FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def build_parser():
@@ -142,23 +148,27 @@ def build_parser():
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ls = sub.add_parser("list", help="list registered datasets, generators, strategies, augmentations, eval-sets")
+    ls = sub.add_parser("list", formatter_class=_FMT,
+            help="list registered datasets, generators, strategies, augmentations, eval-sets")
     ls.add_argument("kind", choices=list(_registries()))
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'digits-*'")
     ls.set_defaults(func=cmd_list)
 
-    ds = sub.add_parser("datasets", help="list or export datasets")
+    ds = sub.add_parser("datasets", formatter_class=_FMT, help="list or export datasets")
     dsub = ds.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
-    dsub.add_parser("list", help="registered datasets and their splits").set_defaults(func=cmd_datasets_list)
-    ex = dsub.add_parser("export", help="write a dataset split as an ImageFolder with metadata.jsonl")
+    dsub.add_parser("list", formatter_class=_FMT,
+            help="registered datasets and their splits").set_defaults(func=cmd_datasets_list)
+    ex = dsub.add_parser("export", formatter_class=_FMT,
+            help="write a dataset split as an ImageFolder with metadata.jsonl")
     ex.add_argument("name", help="registered dataset name, e.g. digits-mnist")
     ex.add_argument("--split", default=None, help="split, e.g. train, pool, test, seen, unseen")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=cmd_datasets_export)
 
-    gen = sub.add_parser("generator", help="train the embedded digits-ddpm generator")
+    gen = sub.add_parser("generator", formatter_class=_FMT, help="train the embedded digits-ddpm generator")
     gsub = gen.add_subparsers(dest="generator_command", required=True, metavar="ACTION")
-    gt = gsub.add_parser("train", help="train digits-ddpm on digits-mnist/pool + digits-fonts/seen")
+    gt = gsub.add_parser("train", formatter_class=_FMT,
+            help="train digits-ddpm on digits-mnist/pool + digits-fonts/seen")
     gt.add_argument("--out", required=True, help="output folder (resumes if it holds a partial run)")
     gt.add_argument("--steps", type=int, default=6000)
     gt.add_argument("--batch-size", type=int, default=128)
@@ -168,7 +178,8 @@ def build_parser():
     _add_device(gt)
     gt.set_defaults(func=cmd_generator_train)
 
-    g = sub.add_parser("generate", help="generate a class-labelled dataset folder with a generator")
+    g = sub.add_parser("generate", formatter_class=_FMT,
+            help="generate a class-labelled dataset folder with a generator")
     g.add_argument("--generator", default="digits-ddpm", help="registered generator (genrobust list generators)")
     g.add_argument("--strategy", default="label", help="conditioning strategy (genrobust list strategies)")
     g.add_argument("--per-class", type=int, default=100, help="images per class")
@@ -180,7 +191,8 @@ def build_parser():
     _add_device(g)
     g.set_defaults(func=cmd_generate)
 
-    t = sub.add_parser("train", help="train a timm classifier on real, generated, or real+generated data")
+    t = sub.add_parser("train", formatter_class=_FMT,
+            help="train a timm classifier on real, generated, or real+generated data")
     t.add_argument("--real", default="digits-mnist/train",
                    help="real dataset spec (NAME[/SPLIT] or imagefolder:PATH), or 'none' for generated-only")
     t.add_argument("--generated", action="append", default=[], metavar="DIR",
@@ -196,7 +208,8 @@ def build_parser():
     _add_device(t)
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="score checkpoints on eval sets; append rows to a results file")
+    e = sub.add_parser("evaluate", formatter_class=_FMT,
+            help="score checkpoints on eval sets; append rows to a results file")
     e.add_argument("checkpoints", nargs="+", help="checkpoint folders written by `genrobust train`")
     e.add_argument("--eval-sets", nargs="+", default=["digits"],
                    help="eval sets or suites (digits = digits-mnist/test digits-uci digits-fonts/unseen); "
@@ -206,12 +219,13 @@ def build_parser():
     _add_device(e)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", help="write report.md from results files")
+    r = sub.add_parser("report", formatter_class=_FMT, help="write report.md from results files")
     r.add_argument("results", nargs="+", help="results.jsonl files")
     r.add_argument("--out", required=True, help="report folder")
     r.set_defaults(func=cmd_report)
 
-    q = sub.add_parser("quickstart", help="the fast embedded study: generate, train, evaluate, report")
+    q = sub.add_parser("quickstart", formatter_class=_FMT,
+            help="the fast embedded study: generate, train, evaluate, report")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--per-class", type=int, default=100, help="generated images per class per strategy")
     q.add_argument("--ratio", type=_nonneg_float, default=1.0, help="k x |real| generated images added")

@@ -88,10 +88,15 @@ def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_na
     checkpoint = pathlib.Path(checkpoint)
     results = pathlib.Path(results)
     sets = [create_eval_set(n) for n in resolve_eval_sets(eval_sets)]
-    done = {(r["checkpoint"], r["eval_set"]) for r in read_results(results) if not force}
-    todo = [s for s in sets if (str(checkpoint), s.name) not in done]
+    old = read_results(results)
+    done = {(r["checkpoint"], r["eval_set"]) for r in old}
+    todo = [s for s in sets if force or (str(checkpoint), s.name) not in done]
     if not todo:
         return []
+    if force:  # rescored pairs replace their old rows rather than pose as extra seeds
+        redo = {(str(checkpoint), s.name) for s in todo}
+        from .data.folder import write_jsonl
+        write_jsonl(results, [r for r in old if (r["checkpoint"], r["eval_set"]) not in redo])
     model, cfg, classes = load_checkpoint(checkpoint, device)
     data_info = json.loads((checkpoint / "data.json").read_text()) if (checkpoint / "data.json").exists() else {}
     rows = []

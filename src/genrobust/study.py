@@ -35,7 +35,7 @@ def train_arm(out, real, generated, ratio, config, device, progress):
 
 
 def quickstart(out, per_class=100, ratio=1.0, epochs=20, model="resnet10t", seed=0, generator_path=None,
-               steps=20, guidance=2.0, eval_sets=("digits",), device="cpu", progress=True):
+               steps=20, guidance=2.0, eta=1.0, eval_sets=("digits",), device="cpu", progress=True):
     """Generate `label` and `templates` sets with the shipped digits-ddpm, train real-only and
     real+generated classifiers, evaluate them on the digits suite, and write `results.jsonl` + `report.md`.
 
@@ -50,10 +50,10 @@ def quickstart(out, per_class=100, ratio=1.0, epochs=20, model="resnet10t", seed
     t0 = time.time()
     write_config(out, {"command": "quickstart", "per_class": per_class, "ratio": ratio, "epochs": epochs,
                        "model": model, "seed": seed, "generator_path": generator_path, "steps": steps,
-                       "guidance": guidance, "eval_sets": list(eval_sets), "device": str(device)})
+                       "guidance": guidance, "eta": eta, "eval_sets": list(eval_sets), "device": str(device)})
     n = 5
     _stage(1, n, "loading the shipped digits-ddpm generator")
-    generator = create_generator("digits-ddpm", path=generator_path, steps=steps, guidance=guidance,
+    generator = create_generator("digits-ddpm", path=generator_path, steps=steps, guidance=guidance, eta=eta,
                                  device=device)
     classes = generator.classes()
     _stage(2, n, f"generating {per_class} images per class for strategies {', '.join(QUICKSTART_STRATEGIES)}")

@@ -126,8 +126,11 @@ def train(data, out, config, device="cpu", data_info=None, progress=True):
                      "train_acc": round(correct / len(data), 5), "lr": round(opt.param_groups[0]["lr"], 6),
                      "seconds": round(time.time() - t0, 2)})
         bar.set_postfix(loss=rows[-1]["train_loss"], acc=rows[-1]["train_acc"])
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, out / "model.safetensors")
     _write_checkpoint_files(out, config, data, rows, data_info)
+    # weights last and atomically: a folder with model.safetensors is a complete checkpoint
+    tmp = out / ".model.safetensors.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(out / "model.safetensors")
     return rows
 
 

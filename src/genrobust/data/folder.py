@@ -81,7 +81,7 @@ def _read_image(path, channels):
     try:
         with Image.open(path) as im:
             mode = {1: "L", 3: "RGB"}[channels] if channels else ("L" if im.mode in ("L", "1", "I;16") else "RGB")
-            arr = np.asarray(im.convert(mode))
+            arr = np.array(im.convert(mode))
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"unreadable image {path} ({e.__class__.__name__}); delete or replace it") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

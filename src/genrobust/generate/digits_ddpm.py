@@ -132,7 +132,24 @@ def train(out, steps=6000, batch_size=128, lr=1e-3, warmup=200, p_uncond=0.1, em
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "gen": gen.get_state(), "step": step + 1, "log": log}, tmp)
             tmp.replace(state_path)
+    save_sample_grid(ema, out / "samples.png", seed=seed, device=device)
     return out
+
+
+def save_sample_grid(unet, path, per_class=10, seed=0, steps=20, guidance=2.0, eta=1.0, device="cpu"):
+    """A grid to look at: for each style, one row per class (`per_class` samples each)."""
+    import torchvision.utils as vutils
+
+    unet.eval()
+    rows = []
+    for style in STYLES:
+        ids = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
+        gens = [torch.Generator().manual_seed(seed * 100003 + i) for i in range(len(ids))]
+        rows.append(sample(unet, build_scheduler("ddim"), ids, [style] * len(ids), gens, steps=steps,
+                           guidance=guidance, eta=eta, device=device))
+    grid = torch.cat(rows).float().div(255)
+    vutils.save_image(grid, path, nrow=per_class, padding=2, pad_value=0.5)
+    return path
 
 
 def save(unet, out, training):
@@ -164,9 +181,12 @@ def load(path, device="cpu"):
 
 
 @torch.inference_mode()
-def sample(unet, scheduler, class_ids, styles, generators, steps=20, guidance=2.0, device="cpu",
+def sample(unet, scheduler, class_ids, styles, generators, steps=20, guidance=2.0, eta=1.0, device="cpu",
            init=None, strength=1.0):
     """DDIM sampling with classifier-free guidance.
+
+    eta=1 (stochastic DDIM) is the default: with eta=0 this small model's deterministic trajectories keep
+    speckle noise in the background (measured: median background 44/255 vs 19 at eta=1, 20 steps).
 
     Args:
         class_ids, styles: one per image; None entries are the null class / style.
@@ -195,5 +215,7 @@ def sample(unet, scheduler, class_ids, styles, generators, steps=20, guidance=2.
             eps = eps_u + guidance * (eps_c - eps_u)
         else:
             eps = unet(x, t, class_labels=cond).sample
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+        # per-image noise from per-image generators keeps each image a function of its own seed
+        var_noise = torch.stack([torch.randn(1, 28, 28, generator=g) for g in generators]).to(device) if eta else None
+        x = scheduler.step(eps, t, x, eta=eta, variance_noise=var_noise).prev_sample
     return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).cpu()

@@ -32,13 +32,13 @@ class DigitsDDPM:
     prompts = DIGITS_PROMPTS
     strategies = ("label", "templates")
 
-    def __init__(self, path=None, steps=20, guidance=2.0, device="cpu", batch_size=64):
+    def __init__(self, path=None, steps=20, guidance=2.0, eta=1.0, device="cpu", batch_size=64):
         from . import digits_ddpm
 
         self.path = pathlib.Path(path) if path else SHIPPED
         self.unet, self.scheduler, self.card = digits_ddpm.load(self.path, device=device)
         self.styles = digits_ddpm.STYLES
-        self.steps, self.guidance, self.device, self.batch_size = steps, guidance, device, batch_size
+        self.steps, self.guidance, self.eta, self.device, self.batch_size = steps, guidance, eta, device, batch_size
         self.revision = file_sha256(self.path / "unet" / "diffusion_pytorch_model.safetensors")
 
     def classes(self):
@@ -54,12 +54,12 @@ class DigitsDDPM:
     def info(self):
         """Per-image manifest fields that describe how this generator ran."""
         return {"generator": self.name, "revision": self.revision, "scheduler": "DDIMScheduler",
-                "steps": self.steps, "guidance_scale": self.guidance, "height": 28, "width": 28,
+                "steps": self.steps, "guidance_scale": self.guidance, "eta": self.eta, "height": 28, "width": 28,
                 "dtype": "float32"}
 
     def config(self):
         return {"name": self.name, "path": str(self.path), "steps": self.steps, "guidance": self.guidance,
-                "batch_size": self.batch_size}
+                "eta": self.eta, "batch_size": self.batch_size}
 
     def generate(self, requests):
         from . import digits_ddpm
@@ -72,7 +72,8 @@ class DigitsDDPM:
             ids.append(classes.index(r.class_name))
         gens = [torch.Generator().manual_seed(r.seed) for r in requests]
         return digits_ddpm.sample(self.unet, self.scheduler, ids, [self.style_of(r.prompt) for r in requests],
-                                  gens, steps=self.steps, guidance=self.guidance, device=self.device)
+                                  gens, steps=self.steps, guidance=self.guidance, eta=self.eta,
+                                  device=self.device)
 
 
 @GENERATORS.register("digits-ddpm", description="embedded class- and style-conditional DDPM (28x28 digits)")

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("file_name", "label", "class_id", "class_name", "strategy", "prompt", "negative_prompt",
                    "source_image", "seed", "generator", "revision", "scheduler", "steps", "guidance_scale",
-                   "strength", "height", "width", "flagged", "scores", "sha256")
+                   "eta", "strength", "height", "width", "dtype", "flagged", "scores", "sha256")
 
 
 def class_dir(name):
@@ -86,16 +86,19 @@ def generate(generator, strategy, classes, out, per_class, seed=0, progress=True
     from tqdm.auto import tqdm
 
     out = pathlib.Path(out)
+    make_requests = create_strategy(strategy)  # an unknown name fails here, with suggestions
     if strategy not in generator.strategies:
         raise ValueError(f"generator {generator.name!r} cannot run strategy {strategy!r}; "
                          f"it supports {list(generator.strategies)}")
     if per_class < 1:
         raise ValueError(f"--per-class must be at least 1, got {per_class}")
-    requests = create_strategy(strategy)(classes, per_class, seed, generator.prompts)
+    requests = make_requests(classes, per_class, seed, generator.prompts)
     _check_identity(out, _run_identity(strategy, generator, classes, per_class, seed))
     shard = out / "shards" / "rank0.jsonl"
     shard.parent.mkdir(exist_ok=True)
     done = _finished(out, shard)
+    # Rewrite the shard from its valid rows: a line cut by a kill must not swallow the next append.
+    write_jsonl(shard, done.values())
     todo = [r for r in requests if r.key not in done]
     if done:
         logger.info("%s: resuming, %d of %d images already done", out, len(done), len(requests))

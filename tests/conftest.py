@@ -1,0 +1,61 @@
+"""Shared test setup: offline, CPU only, two threads; a tiny random-weight digits-ddpm; tiny ImageFolders."""
+import os
+
+# Before torch is imported anywhere: no network, no GPU. A passive OpenMP wait policy keeps two torch
+# threads from busy-waiting when the CPUs are shared (busy-waiting made a training step ~20x slower).
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+TINY_UNET = dict(block_out_channels=(8, 8, 8), norm_num_groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_dir(tmp_path_factory):
+    """A digits-ddpm folder (unet/, scheduler/, card.json) with tiny random weights, fixed by seed."""
+    from genrobust.generate import digits_ddpm
+
+    torch.manual_seed(0)
+    unet = digits_ddpm.build_unet(**TINY_UNET)
+    out = tmp_path_factory.mktemp("tiny-digits-ddpm")
+    digits_ddpm.save(unet, out, training={"note": "random weights for tests", "overrides": str(TINY_UNET)})
+    return out
+
+
+def write_imagefolder(root, classes=("0", "1", "2"), per_class=3, size=28, mode="L", seed=0):
+    """Write `per_class` random PNGs per class as `<root>/<class>/<i>.png` (no metadata.jsonl)."""
+    from PIL import Image
+
+    root = pathlib.Path(root)
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, shape, dtype=np.uint8)
+            Image.fromarray(arr).save(root / c / f"img{i:02d}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_images(tmp_path):
+    """Factory: `tiny_images(name, classes=..., per_class=..., size=..., mode=...)` -> an ImageFolder in
+    tmp_path holding random PIL PNGs."""
+    def make(name="images", **kwargs):
+        return write_imagefolder(tmp_path / name, **kwargs)
+    return make
+
+
+@pytest.fixture
+def tiny_generator(tiny_generator_dir):
+    from genrobust.generate import create_generator
+
+    return create_generator("digits-ddpm", path=tiny_generator_dir, steps=2, batch_size=8)
