@@ -227,9 +227,9 @@ def build_parser():
     q = sub.add_parser("quickstart", formatter_class=_FMT,
             help="the fast embedded study: generate, train, evaluate, report")
     q.add_argument("--out", default="runs/quickstart")
-    q.add_argument("--per-class", type=int, default=100, help="generated images per class per strategy")
-    q.add_argument("--ratio", type=_nonneg_float, default=1.0, help="k x |real| generated images added")
-    q.add_argument("--epochs", type=int, default=20)
+    q.add_argument("--per-class", type=int, default=50, help="generated images per class per strategy")
+    q.add_argument("--ratio", type=_nonneg_float, default=0.5, help="k x |real| generated images added")
+    q.add_argument("--epochs", type=int, default=15, help="training epochs of each classifier")
     q.add_argument("--model", default="resnet10t")
     q.add_argument("--seed", type=int, default=0)
     _add_sampling(q)

@@ -34,7 +34,7 @@ def train_arm(out, real, generated, ratio, config, device, progress):
     train(data, out, config, device=device, data_info=info, progress=progress)
 
 
-def quickstart(out, per_class=100, ratio=1.0, epochs=20, model="resnet10t", seed=0, generator_path=None,
+def quickstart(out, per_class=50, ratio=0.5, epochs=15, model="resnet10t", seed=0, generator_path=None,
                steps=20, guidance=2.0, eta=1.0, eval_sets=("digits",), device="cpu", progress=True):
     """Generate `label` and `templates` sets with the shipped digits-ddpm, train real-only and
     real+generated classifiers, evaluate them on the digits suite, and write `results.jsonl` + `report.md`.
