@@ -149,7 +149,7 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("list", formatter_class=_FMT,
-            help="list registered datasets, generators, strategies, augmentations, eval-sets")
+                        help="list registered datasets, generators, strategies, augmentations, eval-sets")
     ls.add_argument("kind", choices=list(_registries()))
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'digits-*'")
     ls.set_defaults(func=cmd_list)
@@ -157,9 +157,9 @@ def build_parser():
     ds = sub.add_parser("datasets", formatter_class=_FMT, help="list or export datasets")
     dsub = ds.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
     dsub.add_parser("list", formatter_class=_FMT,
-            help="registered datasets and their splits").set_defaults(func=cmd_datasets_list)
+                    help="registered datasets and their splits").set_defaults(func=cmd_datasets_list)
     ex = dsub.add_parser("export", formatter_class=_FMT,
-            help="write a dataset split as an ImageFolder with metadata.jsonl")
+                         help="write a dataset split as an ImageFolder with metadata.jsonl")
     ex.add_argument("name", help="registered dataset name, e.g. digits-mnist")
     ex.add_argument("--split", default=None, help="split, e.g. train, pool, test, seen, unseen")
     ex.add_argument("--out", required=True)
@@ -168,7 +168,7 @@ def build_parser():
     gen = sub.add_parser("generator", formatter_class=_FMT, help="train the embedded digits-ddpm generator")
     gsub = gen.add_subparsers(dest="generator_command", required=True, metavar="ACTION")
     gt = gsub.add_parser("train", formatter_class=_FMT,
-            help="train digits-ddpm on digits-mnist/pool + digits-fonts/seen")
+                         help="train digits-ddpm on digits-mnist/pool + digits-fonts/seen")
     gt.add_argument("--out", required=True, help="output folder (resumes if it holds a partial run)")
     gt.add_argument("--steps", type=int, default=6000)
     gt.add_argument("--batch-size", type=int, default=128)
@@ -179,7 +179,7 @@ def build_parser():
     gt.set_defaults(func=cmd_generator_train)
 
     g = sub.add_parser("generate", formatter_class=_FMT,
-            help="generate a class-labelled dataset folder with a generator")
+                       help="generate a class-labelled dataset folder with a generator")
     g.add_argument("--generator", default="digits-ddpm", help="registered generator (genrobust list generators)")
     g.add_argument("--strategy", default="label", help="conditioning strategy (genrobust list strategies)")
     g.add_argument("--per-class", type=int, default=100, help="images per class")
@@ -192,7 +192,7 @@ def build_parser():
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", formatter_class=_FMT,
-            help="train a timm classifier on real, generated, or real+generated data")
+                       help="train a timm classifier on real, generated, or real+generated data")
     t.add_argument("--real", default="digits-mnist/train",
                    help="real dataset spec (NAME[/SPLIT] or imagefolder:PATH), or 'none' for generated-only")
     t.add_argument("--generated", action="append", default=[], metavar="DIR",
@@ -209,7 +209,7 @@ def build_parser():
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", formatter_class=_FMT,
-            help="score checkpoints on eval sets; append rows to a results file")
+                       help="score checkpoints on eval sets; append rows to a results file")
     e.add_argument("checkpoints", nargs="+", help="checkpoint folders written by `genrobust train`")
     e.add_argument("--eval-sets", nargs="+", default=["digits"],
                    help="eval sets or suites (digits = digits-mnist/test digits-uci digits-fonts/unseen); "
@@ -225,7 +225,7 @@ def build_parser():
     r.set_defaults(func=cmd_report)
 
     q = sub.add_parser("quickstart", formatter_class=_FMT,
-            help="the fast embedded study: generate, train, evaluate, report")
+                       help="the fast embedded study: generate, train, evaluate, report")
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--per-class", type=int, default=50, help="generated images per class per strategy")
     q.add_argument("--ratio", type=_nonneg_float, default=0.5, help="k x |real| generated images added")

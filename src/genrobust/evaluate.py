@@ -93,10 +93,6 @@ def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_na
     todo = [s for s in sets if force or (str(checkpoint), s.name) not in done]
     if not todo:
         return []
-    if force:  # rescored pairs replace their old rows rather than pose as extra seeds
-        redo = {(str(checkpoint), s.name) for s in todo}
-        from .data.folder import write_jsonl
-        write_jsonl(results, [r for r in old if (r["checkpoint"], r["eval_set"]) not in redo])
     model, cfg, classes = load_checkpoint(checkpoint, device)
     data_info = json.loads((checkpoint / "data.json").read_text()) if (checkpoint / "data.json").exists() else {}
     rows = []
@@ -114,6 +110,13 @@ def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_na
                      "class_subset": "all" if s.class_subset is None else list(s.class_subset)})
         logger.info("%s on %s: %.2f%%", rows[-1]["model"], s.name, 100 * acc)
     results.parent.mkdir(parents=True, exist_ok=True)
-    with open(results, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if force:
+        # Rescored pairs replace their old rows (rather than pose as extra seeds), and only once the new
+        # rows exist: a rescoring that fails midway loses nothing.
+        from .data.folder import write_jsonl
+        redo = {(r["checkpoint"], r["eval_set"]) for r in rows}
+        write_jsonl(results, [r for r in old if (r["checkpoint"], r["eval_set"]) not in redo] + rows)
+    else:
+        with open(results, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     return rows

@@ -68,8 +68,8 @@ def bootstrap_interval(bx, by, x, y, n=1000, level=0.95, seed=0):
         idx = rng.integers(0, len(bx), len(bx))
         if np.ptp(logit(bx[idx])) == 0:
             continue  # a resample of one repeated point defines no line
-        slope, intercept = np.polyfit(logit(bx[idx]), logit(by[idx]), 1)
-        values.append(y - float(sigmoid(slope * logit(x) + intercept)))
+        line = Line(*map(float, np.polyfit(logit(bx[idx]), logit(by[idx]), 1)), len(idx))
+        values.append(effective_robustness(x, y, line))
     if not values:
         raise ValueError("no bootstrap resample defined a line; add baseline models with distinct accuracies")
     lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
