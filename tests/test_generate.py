@@ -271,3 +271,13 @@ def test_save_sample_grid_layout(tmp_path, tiny_generator):
     with Image.open(path) as im:
         # 2 styles x 10 classes = 20 rows of 2 samples, 28 px each with 2 px padding
         assert im.size == (2 * 30 + 2, 20 * 30 + 2)
+
+
+def test_shipped_generator_is_recorded_without_its_absolute_path(tiny_generator_dir):
+    from genrobust.generate import create_generator
+    from genrobust.generate.generators import SHIPPED
+
+    if not (SHIPPED / "unet").is_dir():
+        pytest.skip("the shipped digits-ddpm checkpoint is missing")
+    assert create_generator("digits-ddpm", steps=2).config()["path"] == "shipped"
+    assert create_generator("digits-ddpm", path=tiny_generator_dir, steps=2).config()["path"] == str(tiny_generator_dir)

@@ -58,7 +58,10 @@ class DigitsDDPM:
                 "dtype": "float32"}
 
     def config(self):
-        return {"name": self.name, "path": str(self.path), "steps": self.steps, "guidance": self.guidance,
+        # The shipped checkpoint is named, not located: its absolute path differs per clone, and a resume
+        # from another clone must match (the revision hash pins the weights either way).
+        path = "shipped" if self.path == SHIPPED else str(self.path)
+        return {"name": self.name, "path": path, "steps": self.steps, "guidance": self.guidance,
                 "eta": self.eta, "batch_size": self.batch_size}
 
     def generate(self, requests):
