@@ -68,5 +68,7 @@ def test_shipped_registries():
     assert DATASETS.list() == ["digits-fonts", "digits-mnist", "digits-uci"]
     assert GENERATORS.list() == ["digits-ddpm"]
     assert STRATEGIES.list() == ["label", "templates"]
-    assert AUGMENTATIONS.list() == ["none", "standard"]
-    assert EVAL_SETS.list() == ["digits-fonts/unseen", "digits-mnist/test", "digits-uci"]
+    assert AUGMENTATIONS.list() == ["augmix", "augmix-jsd", "autoaugment", "cutmix", "mixup", "noise2net", "none",
+                                    "randaugment", "standard", "trivialaugment"]
+    assert EVAL_SETS.list() == ["digits-fonts/unseen", "digits-mnist/test", "digits-uci", "imagenet-a",
+                                "imagenet-r", "imagenet-sketch", "imagenet-v2", "imagenet-val", "objectnet"]

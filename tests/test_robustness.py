@@ -62,3 +62,95 @@ def test_bootstrap_interval_is_zero_width_for_exact_lines_and_seeded():
 
 def test_relative_robustness():
     assert rb.relative_robustness(0.8, 0.75) == pytest.approx(0.05)
+
+
+# --- baselines and ER rows ---------------------------------------------------------------------------------
+
+def _acc_rows(model, x, y, seed=0, shift="digits-uci", subset="all", num_classes=10):
+    ck = f"runs/{model}-{seed}"
+    base = {"model": model, "checkpoint": ck, "train_data": "real", "augmentation": "standard", "seed": seed,
+            "metric": "top1", "class_subset": subset, "num_classes": num_classes}
+    return [{**base, "eval_set": "digits-mnist/test", "role": "id", "value": x, "n": 100},
+            {**base, "eval_set": shift, "role": "shift", "value": y, "n": 100, "id_set": "digits-mnist/test"}]
+
+
+def _zoo(tmp_path, xs=(0.6, 0.7, 0.8, 0.9), extra=()):
+    import json
+    rows = [r for i, x in enumerate(xs) for r in _acc_rows(f"zoo{i}", x, _sig(0.5 * _lg(x) - 1.0))]
+    rows += list(extra)
+    path = tmp_path / "zoo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_baseline_from_a_results_file_pairs_id_and_shift_rows(tmp_path):
+    chance = _acc_rows("chance", 0.11, 0.1)
+    base = rb.load_baseline(_zoo(tmp_path, extra=chance))
+    assert [p.model for p in base.points["digits-uci"]] == ["zoo0", "zoo1", "zoo2", "zoo3"]
+    assert base.points["digits-uci"][0].x == 0.6
+    assert any("chance is near chance" in w for w in base.warnings)
+
+
+def test_er_rows_exact_against_a_known_line(tmp_path):
+    base = rb.load_baseline(_zoo(tmp_path))
+    x, y = 0.85, 0.5
+    rows = _acc_rows("generated", x, y) + _acc_rows("real", 0.85, 0.4)
+    er, lines, warnings = rb.er_rows(rows, base, n_boot=200, reference="real")
+    assert warnings == []
+    assert lines["digits-uci"].slope == pytest.approx(0.5) and lines["digits-uci"].intercept == pytest.approx(-1)
+    eff = {r["model"]: r for r in er if r["metric"] == "effective_robustness"}
+    expected = y - _sig(0.5 * _lg(x) - 1.0)
+    assert eff["generated"]["value"] == pytest.approx(expected, abs=1e-6)
+    assert eff["generated"]["id_value"] == x and eff["generated"]["shift_value"] == y
+    assert eff["generated"]["baseline_n"] == 4 and eff["generated"]["baseline"].endswith("zoo.jsonl")
+    # baseline points lie exactly on the line: every resample refits it, so the interval is the point
+    assert eff["generated"]["ci_low"] == pytest.approx(expected, abs=1e-6)
+    assert eff["generated"]["ci_high"] == pytest.approx(expected, abs=1e-6)
+    rel = [r for r in er if r["metric"] == "relative_robustness"]
+    assert [(r["model"], r["reference"]) for r in rel] == [("generated", "real")]
+    assert rel[0]["value"] == pytest.approx(0.1)
+
+
+def test_er_rows_say_why_a_row_has_no_er(tmp_path):
+    base = rb.load_baseline(_zoo(tmp_path))
+    lone = [r for r in _acc_rows("lone", 0.8, 0.5) if r["role"] == "shift"]
+    other = _acc_rows("fonts", 0.8, 0.5, shift="digits-fonts/unseen")
+    er, _, warnings = rb.er_rows(lone + other, base, n_boot=10)
+    assert er == []
+    assert any("lone on digits-uci: no in-distribution row" in w for w in warnings)
+    assert any("digits-fonts/unseen: no baseline line" in w and "at least 3" in w for w in warnings)
+
+
+def test_testbed_baseline_holds_the_standard_models():
+    base = rb.load_baseline("testbed")
+    assert set(base.points) == set(rb.TESTBED_COLUMNS)
+    # 87 standard models; 5 of them have no ImageNet-R numbers in the testbed file
+    assert len(base.points["imagenet-v2"]) == 87 and len(base.points["imagenet-r"]) == 82
+    resnet50 = [p for p in base.points["imagenet-v2"] if p.model == "resnet50"][0]
+    assert 0.75 < resnet50.x < 0.77 and 0.62 < resnet50.y < 0.64
+    line = rb.fit_line([p.x for p in base.points["imagenet-v2"]], [p.y for p in base.points["imagenet-v2"]])
+    assert 0.8 < line.slope < 1.2  # V2 sits on a line close to parallel to y = x in logit space
+    # an ImageNet-100 model scored on 19 ImageNet-R classes is flagged against the 200-class testbed line
+    rows = _acc_rows("in100", 0.9, 0.4, shift="imagenet-r", subset="imagenet-r", num_classes=19)
+    for r in rows:
+        r["eval_set"] = "imagenet-val" if r["role"] == "id" else r["eval_set"]
+        r["id_set"] = "imagenet-val"
+    er, _, warnings = rb.er_rows(rows, base, n_boot=10)
+    assert len(er) == 1 and any("scored on 19 classes, the testbed line on 200" in w for w in warnings)
+
+
+def test_robustness_cli_writes_er_rows_once(tmp_path, capsys):
+    import json
+
+    from genrobust.cli import main
+    results = tmp_path / "results.jsonl"
+    rows = _acc_rows("generated", 0.85, 0.5)
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["robustness", str(results), "--baseline", str(_zoo(tmp_path)), "--bootstrap", "50"]
+    assert main(argv) == 0
+    assert main(argv) == 0
+    written = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(written) == 3 and written[2]["metric"] == "effective_robustness"
+    assert "generated" in capsys.readouterr().out
+    assert main(["robustness", str(results), "--baseline", str(tmp_path / "nope.jsonl")]) == 2
+    assert "neither 'testbed' nor a results file" in capsys.readouterr().err

@@ -1,15 +1,12 @@
-import csv
 import json
 
 import pytest
 import torch
-import yaml
 
 from genrobust import evaluate as ev
 from genrobust import train as tr
 from genrobust.data import load_dataset
 from genrobust.data.folder import align_classes, load_imagefolder
-from genrobust.data.imageset import ImageSet
 from genrobust.registry import UnknownNameError
 
 DIGITS = [str(i) for i in range(10)]
@@ -43,83 +40,7 @@ def trained(tmp_path_factory):
     return {"out": out, "rows": rows, "model": built[0].eval(), "data": data, "config": config}
 
 
-def test_checkpoint_folder(trained):
-    out = trained["out"]
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "config.yaml", "data.json",
-                                                     "metrics.csv", "model.safetensors"]
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg == {**trained["config"].to_dict(), "in_chans": 1, "input_size": [28, 28], "num_classes": 10}
-    assert json.loads((out / "classes.json").read_text()) == DIGITS
-    info = json.loads((out / "data.json").read_text())
-    assert info == {"name": "digits-mnist/train[:40]", "num_images": 40, "real": "digits-mnist/train",
-                    "label": "tiny real"}
-    with open(out / "metrics.csv") as f:
-        metrics = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in metrics] == [1, 2]
-    assert list(metrics[0]) == ["epoch", "train_loss", "train_acc", "lr", "seconds"]
-    assert [float(r["train_loss"]) for r in metrics] == [r["train_loss"] for r in trained["rows"]]
-    assert all(0 <= float(r["train_acc"]) <= 1 for r in metrics)
-    # warm-up then cosine: 2 steps per epoch, warm-up 2 steps, so the last lr is 0.1 * 0.5 * (1 + cos(pi/2))
-    assert float(metrics[0]["lr"]) == pytest.approx(0.1)
-    assert float(metrics[1]["lr"]) == pytest.approx(0.05)
-
-
-def test_lr_schedule_exact():
-    assert [tr._lr_at(s, 10, 2, 1.0) for s in (0, 1)] == [0.5, 1.0]
-    assert tr._lr_at(2, 10, 2, 1.0) == 1.0
-    assert tr._lr_at(6, 10, 2, 1.0) == pytest.approx(0.5)
-    assert tr._lr_at(10, 10, 2, 1.0) == pytest.approx(0.0)
-
-
-def test_loaded_checkpoint_predicts_like_the_trained_model(trained):
-    model, cfg, classes = tr.load_checkpoint(trained["out"])
-    assert classes == DIGITS and cfg["model"] == "test_resnet" and not model.training
-    images = load_dataset("digits-mnist/test").images[:64]
-    expected = tr.predict(trained["model"], images)
-    got = tr.predict(model, images)
-    assert got.shape == (64, 10)
-    assert torch.equal(got, expected)
-    # eval mode: a prediction does not depend on the rest of its batch
-    assert torch.allclose(tr.predict(model, images[:5], batch_size=1), got[:5], atol=1e-5)
-
-
-def test_training_is_repeatable(trained, tmp_path):
-    tr.train(trained["data"], tmp_path / "again", trained["config"], progress=False)
-    first = (trained["out"] / "model.safetensors").read_bytes()
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == first
-
-
-def test_normalization_reduces_to_one_channel():
-    model = tr.create_classifier("test_resnet", 4, 1)
-    mean, std = tr.normalization(model, 1)
-    assert mean.shape == std.shape == (1, 1, 1, 1)
-    mean3, std3 = tr.normalization(tr.create_classifier("test_resnet", 4, 3), 3)
-    assert mean3.shape == (1, 3, 1, 1)
-    assert mean.item() == pytest.approx(mean3.mean().item())
-
-
-def test_unknown_model_suggests_close_names():
-    with pytest.raises(ValueError, match=r"unknown timm model 'test_resnt'; did you mean test_resnet"):
-        tr.create_classifier("test_resnt", 10, 1)
-    with pytest.raises(ValueError, match=r"unknown timm model 'qqqqzzzz'; see timm.list_models\(\)"):
-        tr.create_classifier("qqqqzzzz", 10, 1)
-
-
-def test_unknown_model_in_train_raises(tmp_path):
-    with pytest.raises(ValueError, match="did you mean test_resnet"):
-        tr.train(_small_train_set(), tmp_path / "x", tr.TrainConfig(model="test_resnt", epochs=1), progress=False)
-
-
-def test_one_class_is_an_error(tmp_path):
-    one = ImageSet("one", torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), ["0"])
-    with pytest.raises(ValueError, match="one has 1 class; a classifier needs at least 2"):
-        tr.train(one, tmp_path / "x", tr.TrainConfig(model="test_resnet", epochs=1), progress=False)
-    assert not (tmp_path / "x" / "model.safetensors").exists()
-
-
-def test_load_checkpoint_of_a_non_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a genrobust checkpoint folder"):
-        tr.load_checkpoint(tmp_path)
+# Training tests (checkpoint folder, schedules, repeatability, resume, ...) live in test_train.py.
 
 
 # --- evaluate ----------------------------------------------------------------------------------------
@@ -150,7 +71,7 @@ def test_eval_sets_are_declared():
     assert ev.create_eval_set("digits-mnist/test").role == "id"
     assert ev.create_eval_set("digits-uci").role == "shift"
     s = ev.create_eval_set("imagefolder:/some/where")
-    assert (s.dataset, s.role, s.class_subset) == ("imagefolder:/some/where", "shift", None)
+    assert (s.path, s.role, s.dataset, s.id_set) == ("/some/where", "shift", None, None)
     with pytest.raises(UnknownNameError, match="did you mean 'digits-uci'"):
         ev.create_eval_set("digits-ucl")
 
@@ -169,12 +90,13 @@ def test_evaluate_appends_rows_and_skips_done_pairs(trained, eval_folder, tmp_pa
     assert RESULT_KEYS <= set(row)
     assert row["model"] == "tiny-resnet" and row["checkpoint"] == str(trained["out"])
     assert row["train_data"] == "tiny real" and row["eval_set"] == spec
-    assert row["metric"] == "top1" and row["n"] == 6 and row["class_subset"] == "all"
+    # a folder of two classes is scored on those two: the logits of the other eight are masked
+    assert row["metric"] == "top1" and row["n"] == 6 and row["class_subset"] == spec and row["num_classes"] == 2
     assert row["augmentation"] == "standard" and row["seed"] == 0 and row["role"] == "shift"
     # the value is the trained model's accuracy on the folder, labels aligned by class name
     data = align_classes(load_imagefolder(eval_folder, channels=1), DIGITS)
     assert data.labels.tolist() == [2, 2, 2, 7, 7, 7]
-    expected = (tr.predict(trained["model"], data.images).argmax(1) == data.labels).float().mean().item()
+    expected = ev.accuracy(tr.predict(trained["model"], data.images), data.labels, (2, 7))
     assert row["value"] == round(expected, 6)
     assert [json.loads(line) for line in results.read_text().splitlines()] == rows
 
@@ -208,10 +130,13 @@ def test_evaluate_on_the_digits_id_set(trained, tmp_path):
     assert rows[0]["value"] == round(ev.accuracy(tr.predict(trained["model"], data.images), data.labels), 6)
 
 
-def test_evaluate_rejects_images_of_another_size(trained, tiny_images, tmp_path):
-    folder = tiny_images("big", classes=("1",), per_class=1, size=32)
-    with pytest.raises(ValueError, match=r"images are \(1, 32, 32\), the model was trained on \(1, 28, 28\)"):
-        ev.evaluate(trained["out"], [f"imagefolder:{folder}"], tmp_path / "r.jsonl")
+def test_folder_images_of_another_size_are_resized_to_the_model(trained, tiny_images, tmp_path):
+    folder = tiny_images("big", classes=("1", "4"), per_class=2, size=32)
+    ds = ev.FolderImages(*ev.list_folder_images(ev.create_eval_set(f"imagefolder:{folder}"), None)[:2],
+                         channels=1, size=(28, 28), crop_pct=0.875)
+    assert ds[0][0].shape == (1, 28, 28) and ds[0][0].dtype == torch.uint8
+    rows = ev.evaluate(trained["out"], [f"imagefolder:{folder}"], tmp_path / "r.jsonl")
+    assert rows[0]["n"] == 4
 
 
 def test_evaluate_rejects_unknown_classes(trained, tiny_images, tmp_path):

@@ -4,6 +4,7 @@ Data flows one way: generate -> manifest -> train -> checkpoint -> evaluate -> r
 """
 import argparse
 import logging
+import os
 import pathlib
 import shlex
 import sys
@@ -73,44 +74,97 @@ def cmd_generate(args):
 
 
 def cmd_train(args):
+    from .augment import AUGMENTATIONS
     from .data.mixing import build_training_set
-    from .train import TrainConfig, train
+    from .train import TrainConfig, check_model_name, train
     if args.ratio < 0:
         raise ValueError(f"--ratio must be >= 0 (k x |real| generated images are added), got {args.ratio}")
+    if not 0 <= args.max_corrupt < 1:
+        raise ValueError(f"--max-corrupt must be a fraction in [0, 1), got {args.max_corrupt}")
+    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                         lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
+                         warmup_epochs=args.warmup_epochs, milestones=tuple(args.milestones), gamma=args.gamma,
+                         label_smoothing=args.label_smoothing, augmentation=args.augmentation, flip=args.flip,
+                         amp=args.amp, channels_last=not args.no_channels_last, input_size=args.input_size,
+                         workers=args.workers, seed=args.seed)
+    # names and recipe checked before any image is read (an ImageNet folder scan takes minutes)
+    config.resolved()
+    check_model_name(args.model)
+    AUGMENTATIONS.get(args.augmentation)
     real = None if args.real == "none" else args.real
-    data, info = build_training_set(real, args.generated, args.ratio, seed=args.seed)
-    config = TrainConfig(model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         augmentation=args.augmentation, seed=args.seed)
-    rows = train(data, args.out, config, device=_device(args.device), data_info=info)
-    print(f"trained {args.model} on {info['label']} ({len(data)} images): final train acc "
-          f"{rows[-1]['train_acc']:.3f}; checkpoint in {args.out}")
+    stream = {"auto": "auto", "on": True, "off": False}[args.stream]
+    data, info = build_training_set(real, args.generated, args.ratio, seed=args.seed, mode=args.mode,
+                                    fraction=args.fraction, limit=args.limit, max_corrupt=args.max_corrupt,
+                                    stream=stream)
+    rows = train(data, args.out, config, device=_device(args.device), data_info=info, resume=args.resume,
+                 force=args.force)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"trained {args.model} on {info['label']} ({len(data)} images): final train acc "
+              f"{rows[-1]['train_acc']:.3f}; checkpoint in {args.out}")
 
 
 def cmd_evaluate(args):
     from .evaluate import evaluate
     from .study import write_config
     results = pathlib.Path(args.results)
-    write_config(results.parent, {"command": "evaluate", "checkpoints": args.checkpoints,
-                                  "eval_sets": args.eval_sets, "results": str(results), "force": args.force},
+    write_config(results.parent, {"command": "evaluate", **{k: v for k, v in vars(args).items()
+                                                            if k not in ("func", "argv")}},
                  name=f"{results.stem}.evaluate.yaml")
     for ck in args.checkpoints:
-        rows = evaluate(ck, args.eval_sets, results, device=_device(args.device), force=args.force)
+        rows = evaluate(ck, args.eval_sets, results, device=_device(args.device), force=args.force,
+                        data_root=args.data_root, batch_size=args.batch_size, workers=args.workers,
+                        folder_id_set=args.id_set)
         for r in rows:
-            print(f"{r['model']:20s} {r['eval_set']:24s} {100 * r['value']:6.2f}%  (n={r['n']})")
+            subset = "" if r["class_subset"] == "all" else f" on {r['class_subset']} classes"
+            print(f"{r['model']:20s} {r['eval_set']:24s} {100 * r['value']:6.2f}%  (n={r['n']}{subset})")
         if not rows:
             print(f"{ck}: already scored on every set in {results} (use --force to redo)")
 
 
-def cmd_report(args):
-    from .evaluate import read_results
-    from .report import write_report
+def cmd_robustness(args):
+    from .data.folder import write_jsonl
+    from .evaluate import check_rows, read_results
+    from .robustness import er_rows, load_baseline
     rows = []
     for path in args.results:
         if not pathlib.Path(path).exists():
             raise FileNotFoundError(f"no results file {path}; `genrobust evaluate` writes one")
         rows += read_results(path)
-    path = write_report(rows, args.out)
-    print(f"wrote {path}")
+    rows, warnings = check_rows(rows)
+    baseline = load_baseline(args.baseline)
+    er, _, more = er_rows(rows, baseline, n_boot=args.bootstrap, seed=args.seed, reference=args.reference)
+    for w in warnings + more:
+        logger.warning(w)
+    if not er:
+        raise ValueError("no effective robustness could be computed; see the warnings above")
+    out = pathlib.Path(args.out or args.results[0])
+    # ER rows of the same (checkpoint, eval set, metric, baseline) replace older ones: a rerun is no new seed
+    new = {(r["checkpoint"], r["eval_set"], r["metric"], r["baseline"]) for r in er}
+    kept = [r for r in read_results(out)
+            if (r.get("checkpoint"), r["eval_set"], r["metric"], r.get("baseline")) not in new]
+    write_jsonl(out, kept + er)
+    for r in er:
+        ci = "" if r["ci_low"] is None else f" [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}]"
+        print(f"{r['model']:20s} {r['eval_set']:24s} {r['metric']:22s} {100 * r['value']:+6.1f}{ci}")
+    print(f"{len(er)} rows against {baseline.name} written to {out}")
+
+
+def cmd_report(args):
+    from .evaluate import read_results
+    from .report import generated_from_checkpoints, write_report
+    for path in args.results:  # all checked before any is read: one clear error, no half report
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"no results file {path}; `genrobust evaluate` writes one")
+    rows = [r for path in args.results for r in read_results(path)]
+    # The checkpoints' own generated folders get sample grids too; relative paths may be relative to the
+    # folder a results file sits in rather than to the current one.
+    found = generated_from_checkpoints(rows, search=[pathlib.Path(p).parent for p in args.results])
+    given = [pathlib.Path(g) for g in args.generated]
+    generated = given + [g for g in found if g.resolve() not in {x.resolve() for x in given}]
+    paths = write_report(rows, args.out, baseline=args.baseline, generated=generated, reference=args.reference,
+                         title=args.title)
+    for path in paths:
+        print(f"wrote {path}")
 
 
 def cmd_quickstart(args):
@@ -119,6 +173,26 @@ def cmd_quickstart(args):
                seed=args.seed, generator_path=args.generator_path, steps=args.steps, guidance=args.guidance,
                eta=args.eta, device=_device(args.device))
     print(f"results: {pathlib.Path(args.out) / 'results.jsonl'}\nreport:  {pathlib.Path(args.out) / 'report.md'}")
+
+
+def cmd_baselines_train(args):
+    from .baselines import train_zoo
+    summary = train_zoo(args.suite, args.out, device=_device(args.device), seed=args.seed,
+                        progress=not args.quiet)
+    for m in summary:
+        acc = "–" if m["id_accuracy"] is None else f"{100 * m['id_accuracy']:.1f}%"
+        print(f"{m['name']:34s} ID {acc:>6s}  {m['note']}")
+    on = sum(m["on_line"] for m in summary)
+    print(f"{on} of {len(summary)} models define the line; rows in {pathlib.Path(args.out) / 'results.jsonl'} "
+          f"(use it as `genrobust robustness ... --baseline` or `genrobust report ... --baseline`)")
+
+
+def cmd_baselines_list(args):
+    from .baselines import SUITES
+    for name, spec in SUITES.items():
+        print(f"{name}: {len(spec['members'])} models on {spec['real']}")
+        for m in spec["members"]:
+            print(f"  {m.name:34s} {m.model:24s} {m.epochs:3d} epochs  {m.fraction:5.0%} of the data")
 
 
 def _nonneg_float(text):
@@ -192,19 +266,55 @@ def build_parser():
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", formatter_class=_FMT,
-                       help="train a timm classifier on real, generated, or real+generated data")
+                       help="train a timm classifier on real, generated, or real+generated data",
+                       description="Train a timm classifier. Under `torchrun --nproc_per_node N` the same command "
+                                   "trains with DDP (gloo on CPU, nccl on CUDA); --batch-size is the global batch.")
     t.add_argument("--real", default="digits-mnist/train",
                    help="real dataset spec (NAME[/SPLIT] or imagefolder:PATH), or 'none' for generated-only")
     t.add_argument("--generated", action="append", default=[], metavar="DIR",
                    help="generated folder (repeatable: folders are pooled)")
-    t.add_argument("--ratio", type=float, default=1.0, help="add k x |real| generated images (k >= 0)")
+    t.add_argument("--mode", choices=["add", "replace", "generated-only"], default=None,
+                   help="add: real + k x |real| generated; replace: |real| images, a fraction generated; "
+                        "generated-only: generated images alone (--real then only fixes the classes). "
+                        "Default: add, or generated-only with --real none")
+    t.add_argument("--ratio", type=float, default=1.0, help="add mode: k x |real| generated images (k >= 0)")
+    t.add_argument("--fraction", type=float, default=0.5, help="replace mode: generated share of the |real| images")
+    t.add_argument("--limit", type=int, default=None, help="generated-only mode: use this many images (default all)")
+    t.add_argument("--max-corrupt", type=float, default=0.01,
+                   help="fraction of unreadable images per folder skipped (and reported) rather than an error")
+    t.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="decode ImageFolders from disk while training (auto: when too large for memory or of "
+                        "mixed image sizes) rather than load them into memory")
+    t.add_argument("--input-size", type=int, default=None,
+                   help="streamed images are resized to this (default: the model's own input size)")
+    t.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1) - 1),
+                   help="DataLoader workers decoding streamed images")
     t.add_argument("--model", default="resnet10t", help="timm model name")
     t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1)
+    t.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw)")
+    t.add_argument("--weight-decay", type=float, default=None,
+                   help="not applied to norms and biases (default: 5e-4 sgd, 0.05 adamw)")
+    t.add_argument("--momentum", type=float, default=0.9, help="sgd (Nesterov) momentum")
+    t.add_argument("--schedule", choices=["cosine", "step", "cyclic"], default="cosine",
+                   help="after the linear warm-up: cosine to 0; step (x gamma at the milestones); cyclic (one "
+                        "triangular cycle peaking at the end of the warm-up)")
+    t.add_argument("--warmup-epochs", type=float, default=1.0)
+    t.add_argument("--milestones", type=float, nargs="+", default=[0.5, 0.75],
+                   help="step schedule: fractions of training at which lr is multiplied by --gamma")
+    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
     t.add_argument("--augmentation", default="standard", help="genrobust list augmentations")
+    t.add_argument("--flip", action="store_true", help="horizontal flips in the augmentation (not for digits)")
+    t.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")
+    t.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last finished epoch (same config and data)")
+    t.add_argument("--force", action="store_true", help="overwrite a complete checkpoint in --out")
     _add_device(t)
     t.set_defaults(func=cmd_train)
 
@@ -216,12 +326,55 @@ def build_parser():
                         "imagefolder:PATH for any folder")
     e.add_argument("--results", default="results.jsonl")
     e.add_argument("--force", action="store_true", help="rescore pairs already in the results file")
+    e.add_argument("--data-root", default=os.environ.get("GENROBUST_DATA"),
+                   help="folder holding the ImageNet-family sets (default: $GENROBUST_DATA); layouts in README")
+    e.add_argument("--id-set", default=None,
+                   help="in-distribution counterpart of imagefolder: sets, e.g. digits-mnist/test")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
+                   help="DataLoader workers decoding folder sets")
     _add_device(e)
     e.set_defaults(func=cmd_evaluate)
 
-    r = sub.add_parser("report", formatter_class=_FMT, help="write report.md from results files")
+    rb = sub.add_parser("robustness", formatter_class=_FMT,
+                        help="effective robustness of evaluated models against a baseline line")
+    rb.add_argument("results", nargs="+", help="results.jsonl files with accuracy rows")
+    rb.add_argument("--baseline", required=True,
+                    help="'testbed' (published accuracies of standard ImageNet models) or the results.jsonl "
+                         "of baseline models (e.g. a digits baseline zoo)")
+    rb.add_argument("--reference", default=None, help="model name for relative robustness (e.g. the real-only)")
+    rb.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--out", default=None, help="results file receiving the ER rows (default: the first)")
+    rb.set_defaults(func=cmd_robustness)
+    rb.set_defaults(func=cmd_robustness)
+
+    bl = sub.add_parser("baselines", formatter_class=_FMT,
+                        help="train a zoo of real-only standard models: the points of the ER line")
+    bsub = bl.add_subparsers(dest="baselines_command", required=True, metavar="ACTION")
+    bsub.add_parser("list", formatter_class=_FMT, help="baseline suites and their models").set_defaults(
+        func=cmd_baselines_list)
+    bt = bsub.add_parser("train", formatter_class=_FMT,
+                         help="train (or reuse) and evaluate every model of a suite")
+    bt.add_argument("--suite", default="digits")
+    bt.add_argument("--out", required=True, help="zoo folder (models/, results.jsonl, zoo.json)")
+    bt.add_argument("--seed", type=int, default=0)
+    bt.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device(bt)
+    bt.set_defaults(func=cmd_baselines_train)
+
+    r = sub.add_parser("report", formatter_class=_FMT,
+                       help="write report.md and a self-contained report.html from results files")
     r.add_argument("results", nargs="+", help="results.jsonl files")
-    r.add_argument("--out", required=True, help="report folder")
+    r.add_argument("--out", required=True, help="report folder (report.md, report.html, figures/)")
+    r.add_argument("--baseline", default=None,
+                   help="'testbed' (published ImageNet models) or a baseline zoo's results.jsonl: recompute "
+                        "effective robustness and draw accuracy-on-the-line plots")
+    r.add_argument("--reference", default=None, help="model name for relative robustness (e.g. real)")
+    r.add_argument("--generated", action="append", default=[], metavar="DIR",
+                   help="generated folder to show a sample grid of (repeatable); the checkpoints' own "
+                        "generated folders are added when present")
+    r.add_argument("--title", default="genrobust report")
     r.set_defaults(func=cmd_report)
 
     q = sub.add_parser("quickstart", formatter_class=_FMT,

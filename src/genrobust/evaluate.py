@@ -1,6 +1,15 @@
-"""Evaluation: declared eval sets (registry `eval_sets`) and scoring of checkpoints into tidy result rows."""
+"""Evaluation: declared eval sets (registry `eval_sets`) and scoring of checkpoints into tidy result rows.
+
+An eval set is a record: where its images are (a registered in-memory dataset, or a folder under the data
+root with a documented layout), its classes, which model classes count as right for each (ObjectNet: any of
+several ImageNet classes), preprocessing (ObjectNet's border crop) and its in-distribution counterpart.
+Logits are always masked to the classes a set shares with the model, and for every shift the ID set is scored
+on the same classes: the x-axis of the effective-robustness line.
+"""
+import functools
 import json
 import logging
+import math
 import pathlib
 from dataclasses import dataclass
 
@@ -10,36 +19,144 @@ from .registry import Registry
 
 logger = logging.getLogger(__name__)
 EVAL_SETS = Registry("eval set")
-SUITES = {"digits": ("digits-mnist/test", "digits-uci", "digits-fonts/unseen")}
+SUITES = {
+    "digits": ("digits-mnist/test", "digits-uci", "digits-fonts/unseen"),
+    "imagenet": ("imagenet-val", "imagenet-v2", "imagenet-sketch", "imagenet-r", "imagenet-a", "objectnet"),
+    "paper": ("imagenet-val", "imagenet-v2", "imagenet-sketch", "imagenet-r", "objectnet"),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name):
+    """A reference data file shipped in the package (class lists, mappings; sources in its README)."""
+    import importlib.resources
+    return json.loads(importlib.resources.files("genrobust").joinpath(f"assets/reference/{name}").read_text())
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """A declared evaluation set: where its images come from, which classes it scores, and its role."""
+    """A declared evaluation set.
+
+    Images come from `dataset` (a registered in-memory dataset spec) or from a folder: `path`, or the first of
+    `subdirs` that exists under the data root, laid out as `layout` says. Eval class i lives in folder
+    `folders[i]` and is named `classes[i]`; `targets[i]` are the model classes counted as right for it
+    (default: the class itself). None means "every subfolder is a class, named by its folder".
+    """
 
     name: str
-    dataset: str
     role: str  # "id" (in-distribution) or "shift"
     description: str = ""
-    class_subset: tuple = None  # None: all of the model's classes
+    dataset: str = None
+    path: str = None
+    subdirs: tuple = ()
+    layout: str = ""
+    folders: tuple = None
+    classes: tuple = None
+    targets: tuple = None
+    border: int = 0  # pixels cropped from every side before resizing (ObjectNet's 1-pixel red frame)
+    id_set: str = None
     metric: str = "top1"
 
+    def root(self, data_root):
+        """The set's folder; a missing one is an error that names the expected layout."""
+        if self.path is not None:
+            root = pathlib.Path(self.path)
+            if not root.is_dir():
+                raise FileNotFoundError(f"{self.name}: no folder {root}; expected an ImageFolder "
+                                        "(one subfolder of images per class)")
+            return root
+        if data_root is None:
+            raise FileNotFoundError(f"{self.name} is read from a folder under the data root: pass --data-root "
+                                    f"DIR or set GENROBUST_DATA (expected DIR/{self.layout})")
+        for sub in self.subdirs:
+            if (pathlib.Path(data_root) / sub).is_dir():
+                return pathlib.Path(data_root) / sub
+        raise FileNotFoundError(f"{self.name}: no folder {pathlib.Path(data_root) / self.subdirs[0]}; expected "
+                                f"{self.layout} under the data root (see README, 'Evaluation data')")
 
-def _declare(name, dataset, role, description):
-    EVAL_SETS.register(name, role=role, description=description)(
-        lambda: EvalSet(name, dataset, role, description))
+    def class_table(self, data_root=None):
+        """(folders, classes, targets) with defaults filled in; folder sets without a declared list list theirs."""
+        folders, classes = self.folders, self.classes
+        if folders is None and self.dataset is None:
+            folders = tuple(sorted(p.name for p in self.root(data_root).iterdir() if p.is_dir()))
+            if not folders:
+                raise ValueError(f"{self.name}: {self.root(data_root)} has no class subfolders")
+        if classes is None:
+            classes = folders
+        targets = self.targets or tuple((c,) for c in classes)
+        return folders, classes, targets
 
 
-_declare("digits-mnist/test", "digits-mnist/test", "id", "MNIST sample, held-out test split (1,000)")
-_declare("digits-uci", "digits-uci", "shift", "UCI digits: other writers, other scanner (1,797)")
-_declare("digits-fonts/unseen", "digits-fonts/unseen", "shift",
-         "digits in font families no training saw: STIX, Computer Modern (renditions)")
+def _register(s):
+    EVAL_SETS.register(s.name, role=s.role, description=s.description)(lambda: s)
 
 
-def create_eval_set(name):
-    """A registered eval set, or `imagefolder:PATH` for any ImageFolder (a generated test set included)."""
+def _digits_sets():
+    _register(EvalSet("digits-mnist/test", "id", "MNIST sample, held-out test split (1,000)",
+                      dataset="digits-mnist/test"))
+    _register(EvalSet("digits-uci", "shift", "UCI digits: other writers, other scanner (1,797)",
+                      dataset="digits-uci", id_set="digits-mnist/test"))
+    _register(EvalSet("digits-fonts/unseen", "shift",
+                      "digits in font families no training saw: STIX, Computer Modern (renditions)",
+                      dataset="digits-fonts/unseen", id_set="digits-mnist/test"))
+
+
+def _imagenet_sets():
+    # Declared with their class lists from the reference data, read only when a set is created.
+    specs = {
+        "imagenet-val": ("id", "ImageNet validation (50,000; 1,000 classes)", ("imagenet/val",),
+                         "imagenet/val/<wnid>/*.JPEG", None),
+        "imagenet-v2": ("shift", "ImageNet-V2 matched-frequency (10,000; folders 0..999 are class indices)",
+                        ("imagenetv2-matched-frequency-format-val", "imagenet-v2"),
+                        "imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg", "v2"),
+        "imagenet-sketch": ("shift", "ImageNet-Sketch (50,889; 1,000 classes)",
+                            ("imagenet-sketch/sketch", "imagenet-sketch", "sketch"),
+                            "imagenet-sketch/sketch/<wnid>/*.JPEG", None),
+        "imagenet-r": ("shift", "ImageNet-R renditions (30,000; 200 classes)", ("imagenet-r",),
+                       "imagenet-r/<wnid>/*.jpg", "r"),
+        "imagenet-a": ("shift", "ImageNet-A natural adversarial examples (7,500; 200 classes)",
+                       ("imagenet-a",), "imagenet-a/<wnid>/*.jpg", "a"),
+        "objectnet": ("shift", "ObjectNet 1.0 (113 classes mapped to 125 ImageNet classes; any-of scoring; "
+                               "2-pixel border crop)", ("objectnet-1.0/images", "objectnet/images"),
+                      "objectnet-1.0/images/<objectnet_folder>/*.png", "objectnet"),
+    }
+    for name, (role, desc, subdirs, layout, kind) in specs.items():
+        EVAL_SETS.register(name, role=role, description=desc)(
+            functools.partial(_imagenet_set, name, role, desc, subdirs, layout, kind))
+
+
+def _imagenet_set(name, role, desc, subdirs, layout, kind):
+    wnids = tuple(c["wnid"] for c in reference("imagenet_classes.json")["classes"])
+    folders, classes, targets, border = wnids, wnids, None, 0
+    if kind == "v2":
+        classes = tuple(reference("imagenet_v2_folder_order.json")["folder_to_wnid"])
+        folders = tuple(str(k) for k in range(len(classes)))
+    elif kind == "r":
+        folders = classes = tuple(reference("imagenet_r_wnids.json")["wnids"])
+    elif kind == "a":
+        folders = classes = tuple(reference("imagenet_a_wnids.json")["wnids"])
+    elif kind == "objectnet":
+        rows = reference("objectnet_to_imagenet.json")["classes"]
+        folders = tuple(r["objectnet_folder"] for r in rows)
+        classes = tuple(r["objectnet_label"] for r in rows)
+        targets = tuple(tuple(r["imagenet_wnids"]) for r in rows)
+        border = 2
+    return EvalSet(name, role, desc, subdirs=subdirs, layout=layout, folders=folders, classes=classes,
+                   targets=targets, border=border, id_set=None if role == "id" else "imagenet-val")
+
+
+_digits_sets()
+_imagenet_sets()
+
+
+def create_eval_set(name, folder_id_set=None):
+    """A registered eval set, or `imagefolder:PATH` for any ImageFolder (a generated test set included).
+
+    A folder set is a shift whose in-distribution counterpart is `folder_id_set` (None: it has none).
+    """
     if name.startswith("imagefolder:"):
-        return EvalSet(name, name, "shift", "user ImageFolder")
+        return EvalSet(name, "shift", "user ImageFolder", path=name.split(":", 1)[1], id_set=folder_id_set)
     return EVAL_SETS.create(name)
 
 
@@ -57,17 +174,82 @@ def resolve_eval_sets(names):
     return out
 
 
+# --- scoring (pure functions) ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """How an eval set's classes meet a model's: which eval classes are scored, the logit mask, the hits."""
+
+    keep: list  # eval class indices that share at least one target with the model
+    mask: torch.Tensor  # bool over model classes: the logits that may win
+    hits: torch.Tensor  # bool [len(keep), num model classes]: prediction k is right for kept class i
+    subset: str  # "all" when every model class is scored, else the name of the set whose classes are
+    dropped: list  # eval classes left out (no target among the model's classes)
+
+
+def class_plan(name, classes, targets, model_classes, restrict=None):
+    """Match eval classes to model classes by id (wnid, digit name), never by position.
+
+    Args:
+        name: the eval set's name (for the subset label and errors).
+        classes, targets: eval class names and, per class, the model class names that count as right.
+        model_classes: the checkpoint's class list.
+        restrict: optional bool mask over model classes (score an ID set on a shift's classes).
+    """
+    index = {c: k for k, c in enumerate(model_classes)}
+    allowed = torch.ones(len(model_classes), dtype=torch.bool) if restrict is None else restrict
+    keep, rows, dropped = [], [], []
+    for i, (c, ts) in enumerate(zip(classes, targets)):
+        ks = [index[t] for t in ts if t in index and allowed[index[t]]]
+        if ks:
+            keep.append(i)
+            row = torch.zeros(len(model_classes), dtype=torch.bool)
+            row[ks] = True
+            rows.append(row)
+        else:
+            dropped.append(c)
+    if not keep:
+        raise ValueError(f"{name} shares no class with the checkpoint ({len(model_classes)} classes, e.g. "
+                         f"{list(model_classes)[:3]}; the set's are e.g. {list(classes)[:3]}): check that the "
+                         "model was trained on the classes this set scores")
+    hits = torch.stack(rows)
+    mask = hits.any(0)
+    subset = "all" if bool(mask.all()) else name
+    return ClassPlan(keep, mask, hits, subset, dropped)
+
+
+def masked_predictions(logits, mask):
+    """Argmax over the allowed classes only: a class outside the eval set can never be predicted."""
+    return logits.masked_fill(~mask.to(logits.device), float("-inf")).argmax(1)
+
+
+def score(logits, labels, plan):
+    """(correct count, n) over images whose eval class the plan keeps; labels are eval class indices."""
+    pos = torch.full((int(labels.max()) + 1 if len(labels) else 1,), -1, dtype=torch.long)
+    keep = torch.tensor(plan.keep)
+    pos[keep[keep < len(pos)]] = torch.arange(len(keep))[keep < len(pos)]
+    lab = pos[labels]
+    sel = lab >= 0
+    pred = masked_predictions(logits[sel], plan.mask)
+    return int(plan.hits[lab[sel], pred].sum()), int(sel.sum())
+
+
 def accuracy(logits, labels, class_subset=None):
-    """Top-1 accuracy; with `class_subset`, logits outside the subset are masked before the argmax."""
+    """Top-1 accuracy with labels in the model's own class indices; `class_subset` masks the logits."""
     if class_subset is not None:
-        mask = torch.full((logits.shape[1],), float("-inf"))
-        mask[list(class_subset)] = 0
-        logits = logits + mask
+        mask = torch.zeros(logits.shape[1], dtype=torch.bool)
+        mask[list(class_subset)] = True
+        return (masked_predictions(logits, mask) == labels).float().mean().item()
     return (logits.argmax(1) == labels).float().mean().item()
 
 
-def _model_name(checkpoint):
-    return pathlib.Path(checkpoint).name
+# --- results files -----------------------------------------------------------------------------------------
+
+REQUIRED = ("model", "eval_set", "metric", "value")
+KNOWN = frozenset(REQUIRED + (
+    "checkpoint", "train_data", "augmentation", "seed", "role", "n", "class_subset", "num_classes", "id_set",
+    "missing_classes", "ci_low", "ci_high", "id_value", "shift_value", "predicted", "baseline", "baseline_n",
+    "slope", "intercept", "reference"))
 
 
 def read_results(path):
@@ -76,47 +258,251 @@ def read_results(path):
     return read_jsonl(path) if path.exists() else []
 
 
-def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_name=None):
-    """Score a checkpoint on eval sets; append one row per (checkpoint, eval set) to `results` (jsonl).
+def check_rows(rows):
+    """Drop rows that would give a wrong number (missing columns, NaN, accuracy outside [0, 1]); say why.
 
-    Pairs already in `results` are skipped unless `force`. Returns the new rows.
+    Returns (kept rows, warnings). Unknown columns are kept but named, since they often mean a typo.
     """
-    from .data import load_dataset
-    from .data.folder import align_classes
-    from .train import load_checkpoint, predict
+    kept, warnings, unknown = [], [], set()
+    for i, r in enumerate(rows):
+        missing = [c for c in REQUIRED if r.get(c) is None]
+        value = r.get("value")
+        if missing:
+            warnings.append(f"row {i + 1} ({r.get('model')}, {r.get('eval_set')}) lacks {', '.join(missing)}; "
+                            "left out")
+        elif not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
+            warnings.append(f"row {i + 1} ({r['model']}, {r['eval_set']}) has value {value!r}; left out")
+        elif r["metric"] == "top1" and not 0 <= value <= 1:
+            warnings.append(f"row {i + 1} ({r['model']}, {r['eval_set']}) has accuracy {value}, outside [0, 1] "
+                            "(percent instead of a fraction?); left out")
+        else:
+            kept.append(r)
+        unknown |= set(r) - KNOWN
+    if unknown:
+        warnings.append(f"unknown columns {sorted(unknown)} (kept, but not used)")
+    return kept, warnings
 
-    checkpoint = pathlib.Path(checkpoint)
-    results = pathlib.Path(results)
-    sets = [create_eval_set(n) for n in resolve_eval_sets(eval_sets)]
+
+# --- loading images ----------------------------------------------------------------------------------------
+
+class FolderImages(torch.utils.data.Dataset):
+    """Images of a folder eval set, decoded in DataLoader workers into uint8 tensors at the model's size."""
+
+    def __init__(self, files, labels, channels, size, crop_pct=0.875, border=0):
+        self.files, self.labels = files, labels
+        self.channels, self.size, self.crop_pct, self.border = channels, tuple(size), crop_pct, border
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+        if self.border:
+            b = self.border
+            im = im.crop((b, b, im.width - b, im.height - b))
+        if (im.height, im.width) != self.size:
+            im = _resize_center_crop(im, self.size, self.crop_pct)
+        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        return (a[None] if a.ndim == 2 else a.permute(2, 0, 1)), self.labels[i]
+
+
+def _resize_center_crop(im, size, crop_pct):
+    from PIL import Image
+    h, w = size
+    scale = max(h, w) / crop_pct / min(im.height, im.width)
+    im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
+    left, top = (im.width - w) // 2, (im.height - h) // 2
+    return im.crop((left, top, left + w, top + h))
+
+
+def list_folder_images(s, data_root):
+    """(files, eval class labels, missing class folders) for a folder eval set."""
+    root = s.root(data_root)
+    folders, _, _ = s.class_table(data_root)
+    files, labels, missing = [], [], []
+    for i, f in enumerate(folders):
+        d = root / f
+        imgs = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS) if d.is_dir() else []
+        if not imgs:
+            missing.append(f)
+        files += imgs
+        labels += [i] * len(imgs)
+    if not files:
+        raise FileNotFoundError(f"{s.name}: no images under {root}; expected {s.layout or 'one subfolder per class'}")
+    if missing:
+        logger.warning("%s: %d of %d class folders missing or empty under %s (e.g. %s); scored on the rest",
+                       s.name, len(missing), len(folders), root, ", ".join(missing[:3]))
+    return files, torch.tensor(labels), missing
+
+
+# --- inference ---------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def infer(model, batches, device, channels):
+    """Logits for uint8 batches: normalised as in training, channels_last and autocast on CUDA."""
+    from .train import normalization
+
+    cuda = str(device).startswith("cuda")
+    mean, std = (t.to(device) for t in normalization(model, channels))
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    outs, labels = [], []
+    for x, y in batches:
+        x = x.to(device, non_blocking=True).float().div_(255)
+        x = (x - mean) / std
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", enabled=cuda):
+            outs.append(model(x).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(outs), torch.cat(labels)
+
+
+def _memory_batches(images, labels, batch_size):
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size], labels[i:i + batch_size]
+
+
+class _Scorer:
+    """Loads each eval set at most once per checkpoint and keeps its logits for the subsets scored on it."""
+
+    def __init__(self, model, cfg, data_root, device, batch_size, workers):
+        self.model, self.cfg, self.data_root = model, cfg, data_root
+        self.device, self.batch_size, self.workers = device, batch_size, workers
+        self.cache = {}
+
+    def logits(self, s):
+        if s.name not in self.cache:
+            self.cache[s.name] = self._run(s)
+        return self.cache[s.name]
+
+    def _run(self, s):
+        channels, size = self.cfg["in_chans"], tuple(self.cfg["input_size"])
+        if s.dataset is not None:
+            from .data import load_dataset
+            data = load_dataset(s.dataset, channels=channels)
+            if tuple(data.images.shape[2:]) != size:
+                raise ValueError(f"{s.name}: images are {tuple(data.images.shape[1:])}, the model was trained "
+                                 f"on {(channels, *size)}")
+            logits, labels = infer(self.model, _memory_batches(data.images, data.labels, self.batch_size),
+                                   self.device, channels)
+            return logits, labels, []
+        files, labels, missing = list_folder_images(s, self.data_root)
+        crop_pct = _crop_pct(self.model)
+        loader = torch.utils.data.DataLoader(
+            FolderImages(files, labels, channels, size, crop_pct, s.border), batch_size=self.batch_size,
+            num_workers=self.workers, pin_memory=str(self.device).startswith("cuda"))
+        from tqdm.auto import tqdm
+        logits, labels = infer(self.model, tqdm(loader, desc=f"score {s.name}", leave=False,
+                                                disable=len(loader) < 5), self.device, channels)
+        return logits, labels, missing
+
+
+def _crop_pct(model):
+    import timm.data
+    return timm.data.resolve_model_data_config(model).get("crop_pct", 0.875)
+
+
+def _table_classes(s, data_root):
+    if s.dataset is not None:
+        from .data import load_dataset
+        classes = tuple(load_dataset(s.dataset).classes)
+        return classes, tuple((c,) for c in classes)
+    _, classes, targets = s.class_table(data_root)
+    return classes, targets
+
+
+def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_name=None, data_root=None,
+             batch_size=256, workers=0, folder_id_set=None):
+    """Score a checkpoint on eval sets; append one row per (checkpoint, eval set, class subset) to `results`.
+
+    Args:
+        eval_sets: names or suites; `imagefolder:PATH` for any folder.
+        data_root: the folder holding the ImageNet-family sets (README, 'Evaluation data').
+        workers: DataLoader workers decoding folder sets.
+        folder_id_set: the in-distribution counterpart of `imagefolder:` sets (e.g. digits-mnist/test).
+    For each shift, the set's in-distribution counterpart is scored on the same classes (role `id`). Pairs
+    already in `results` are skipped unless `force`. Returns the new rows.
+    """
+    from .train import load_checkpoint
+
+    checkpoint, results = pathlib.Path(checkpoint), pathlib.Path(results)
+    sets = [create_eval_set(n, folder_id_set) for n in resolve_eval_sets(eval_sets)]
     old = read_results(results)
-    done = {(r["checkpoint"], r["eval_set"]) for r in old}
-    todo = [s for s in sets if force or (str(checkpoint), s.name) not in done]
-    if not todo:
-        return []
-    model, cfg, classes = load_checkpoint(checkpoint, device)
-    data_info = json.loads((checkpoint / "data.json").read_text()) if (checkpoint / "data.json").exists() else {}
+    done = {(r.get("checkpoint"), r["eval_set"], _subset_key(r.get("class_subset", "all"))) for r in old}
+    model, cfg, model_classes = load_checkpoint(checkpoint, device)
+    info = _data_info(checkpoint)
+    scorer = _Scorer(model, cfg, data_root, device, batch_size, workers)
+    base = {"model": model_name or checkpoint.name, "checkpoint": str(checkpoint),
+            "train_data": info.get("label", info.get("name")), "augmentation": cfg.get("augmentation"),
+            "seed": cfg.get("seed")}
     rows = []
-    for s in todo:
-        data = align_classes(load_dataset(s.dataset, channels=cfg["in_chans"]), classes)
-        if tuple(data.images.shape[1:]) != (cfg["in_chans"], *cfg["input_size"]):
-            raise ValueError(f"{s.name}: images are {tuple(data.images.shape[1:])}, the model was trained on "
-                             f"{(cfg['in_chans'], *cfg['input_size'])}")
-        logits = predict(model, data.images, device)
-        acc = accuracy(logits, data.labels, s.class_subset)
-        rows.append({"model": model_name or _model_name(checkpoint), "checkpoint": str(checkpoint),
-                     "train_data": data_info.get("label", data_info.get("name")),
-                     "augmentation": cfg.get("augmentation"), "seed": cfg.get("seed"), "eval_set": s.name,
-                     "role": s.role, "metric": s.metric, "value": round(acc, 6), "n": len(data),
-                     "class_subset": "all" if s.class_subset is None else list(s.class_subset)})
-        logger.info("%s on %s: %.2f%%", rows[-1]["model"], s.name, 100 * acc)
+    for s in sets:
+        classes, targets = _table_classes(s, data_root)
+        plan = class_plan(s.name, classes, targets, model_classes)
+        if plan.dropped:
+            logger.warning("%s: %d of its %d classes are not among the checkpoint's and are not scored (e.g. %s)",
+                           s.name, len(plan.dropped), len(classes), ", ".join(map(str, plan.dropped[:3])))
+        if force or (str(checkpoint), s.name, plan.subset) not in done:
+            rows.append(_row(base, s, plan, *scorer.logits(s)))
+        if s.id_set:
+            rows += _id_row(base, s, plan, scorer, model_classes, data_root, done, rows, force)
+    _append(results, old, rows, force)
+    return rows
+
+
+def _id_row(base, s, plan, scorer, model_classes, data_root, done, rows, force):
+    """The ID set scored on the shift's classes, unless already there (from another shift or an earlier run)."""
+    key = (base["checkpoint"], s.id_set, plan.subset)
+    if (not force and key in done) or any((r["checkpoint"], r["eval_set"], r["class_subset"]) == key
+                                          for r in rows):
+        return []
+    ids = create_eval_set(s.id_set)
+    try:
+        logits = scorer.logits(ids)
+    except FileNotFoundError as e:
+        logger.warning("%s: no in-distribution counterpart, so no effective robustness for it: %s", s.name, e)
+        return []
+    classes, targets = _table_classes(ids, data_root)
+    id_plan = class_plan(ids.name, classes, targets, model_classes, restrict=plan.mask)
+    id_plan = ClassPlan(id_plan.keep, id_plan.mask, id_plan.hits, plan.subset, id_plan.dropped)
+    return [_row(base, ids, id_plan, *logits)]
+
+
+def _row(base, s, plan, logits, labels, missing):
+    correct, n = score(logits, labels, plan)
+    if n == 0:
+        raise ValueError(f"{s.name}: none of its images belong to the classes shared with the checkpoint")
+    row = {**base, "eval_set": s.name, "role": s.role, "metric": s.metric, "value": round(correct / n, 6),
+           "n": n, "class_subset": plan.subset, "num_classes": int(plan.mask.sum()), "id_set": s.id_set}
+    if missing:
+        row["missing_classes"] = len(missing)
+    logger.info("%s on %s (%s): %.2f%%", base["model"], s.name, plan.subset, 100 * correct / n)
+    return row
+
+
+def _subset_key(v):
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _data_info(checkpoint):
+    p = checkpoint / "data.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _append(results, old, rows, force):
     results.parent.mkdir(parents=True, exist_ok=True)
     if force:
         # Rescored pairs replace their old rows (rather than pose as extra seeds), and only once the new
         # rows exist: a rescoring that fails midway loses nothing.
         from .data.folder import write_jsonl
-        redo = {(r["checkpoint"], r["eval_set"]) for r in rows}
-        write_jsonl(results, [r for r in old if (r["checkpoint"], r["eval_set"]) not in redo] + rows)
-    else:
+        redo = {(r["checkpoint"], r["eval_set"], r["class_subset"]) for r in rows}
+        write_jsonl(results, [r for r in old if (r.get("checkpoint"), r["eval_set"],
+                                                 _subset_key(r.get("class_subset", "all"))) not in redo] + rows)
+    elif rows:
         with open(results, "a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
-    return rows

@@ -81,3 +81,174 @@ def relative_robustness(y, y_reference):
     if math.isnan(y) or math.isnan(y_reference):
         raise ValueError("relative robustness of a NaN accuracy")
     return float(y - y_reference)
+
+
+# --- baselines and ER rows -------------------------------------------------------------------------------
+
+# testbed column pairs per shift: (ID accuracy on the shift's classes, shift accuracy), both in percent
+TESTBED_COLUMNS = {
+    "imagenet-v2": ("val", "imagenetv2-matched-frequency-format-val"),
+    "imagenet-sketch": ("val", "imagenet-sketch"),
+    "imagenet-r": ("val-on-imagenet-r-classes", "imagenet-r"),
+    "imagenet-a": ("val-on-imagenet-a-classes", "imagenet-a"),
+    "objectnet": ("val-on-objectnet-classes", "objectnet-1.0-beta"),
+}
+# how many ImageNet classes the testbed scored each shift on; a model scored on fewer (e.g. ImageNet-100)
+# sits on another line, so its ER against the testbed is flagged
+TESTBED_NUM_CLASSES = {"imagenet-v2": 1000, "imagenet-sketch": 1000, "imagenet-r": 200, "imagenet-a": 200,
+                       "objectnet": 125}
+TESTBED_TYPES = ("Standard training",)
+
+
+@dataclass(frozen=True)
+class BaselinePoint:
+    """One baseline model on one shift: x = ID accuracy on the shift's class subset, y = shift accuracy."""
+
+    model: str
+    x: float
+    y: float
+
+
+@dataclass
+class Baseline:
+    name: str
+    points: dict  # eval set -> [BaselinePoint]
+    warnings: list = None
+
+
+def load_baseline(spec, model_types=TESTBED_TYPES):
+    """Baseline points from `testbed` (published ImageNet accuracies of standard models) or a results file.
+
+    A results file's models are all baselines (e.g. a baseline zoo's `results.jsonl`); each shift row is paired
+    with the same checkpoint's ID row on the same class subset. Models near chance are left out, and said.
+    """
+    if spec == "testbed":
+        return _testbed_baseline(model_types)
+    import pathlib
+    path = pathlib.Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"baseline {spec!r} is neither 'testbed' nor a results file; give the "
+                                "results.jsonl of a baseline zoo (`genrobust baselines train` writes one)")
+    from .evaluate import check_rows, read_results
+    rows, warnings = check_rows(read_results(path))
+    points = {}
+    for row, x in paired_rows(rows):
+        if row.get("num_classes") and x < 1.5 / row["num_classes"]:
+            warnings.append(f"baseline {row['model']} is near chance in distribution ({100 * x:.1f}%); "
+                            f"left out of the {row['eval_set']} line")
+            continue
+        points.setdefault(row["eval_set"], []).append(BaselinePoint(row["model"], x, row["value"]))
+    if not points:
+        raise ValueError(f"{spec}: no shift rows with an in-distribution counterpart; evaluate the baseline "
+                         "models on the ID set and the shifts first")
+    return Baseline(str(path), points, warnings)
+
+
+def _testbed_baseline(model_types):
+    import csv
+    import importlib.resources
+
+    text = importlib.resources.files("genrobust").joinpath("assets/reference/testbed_results.csv").read_text()
+    points = {}
+    for r in csv.DictReader(text.splitlines()):
+        if model_types and r["model_type"] not in model_types:
+            continue
+        for shift, (xc, yc) in TESTBED_COLUMNS.items():
+            if r[xc] and r[yc]:
+                points.setdefault(shift, []).append(BaselinePoint(r["model"], float(r[xc]) / 100,
+                                                                  float(r[yc]) / 100))
+    return Baseline("testbed (" + ", ".join(model_types) + ")" if model_types else "testbed", points, [])
+
+
+def _key(row):
+    return row.get("checkpoint") or f"{row['model']}#{row.get('seed')}"
+
+
+def paired_rows(rows):
+    """Yield (shift row, x) for every top-1 shift row whose checkpoint has an ID row on the same classes."""
+    ids = {}
+    for r in rows:
+        if r.get("metric") == "top1" and r.get("role") == "id":
+            ids.setdefault((_key(r), r.get("class_subset", "all")), []).append(r)
+    for r in rows:
+        if r.get("metric") != "top1" or r.get("role") != "shift":
+            continue
+        cands = ids.get((_key(r), r.get("class_subset", "all")), [])
+        if r.get("id_set"):
+            cands = [c for c in cands if c["eval_set"] == r["id_set"]]
+        if len(cands) == 1:
+            yield r, cands[0]["value"]
+
+
+def er_rows(rows, baseline, n_boot=1000, seed=0, reference=None):
+    """Effective (and relative) robustness rows for every shift row that has an ID counterpart.
+
+    Returns (rows, {eval set: Line}, warnings). Nothing is silently dropped: every shift row that gets no ER
+    is named in the warnings with the reason.
+    """
+    warnings = list(baseline.warnings or [])
+    lines, out, paired = {}, [], list(paired_rows(rows))
+    have = {id(r) for r, _ in paired}
+    for r in rows:
+        if r.get("metric") == "top1" and r.get("role") == "shift" and id(r) not in have:
+            warnings.append(f"{r['model']} on {r['eval_set']}: no in-distribution row on the same classes "
+                            f"({r.get('class_subset', 'all')}); no ER")
+    for r, x in paired:
+        line = _line_for(r["eval_set"], baseline, lines, warnings)
+        if line is None:
+            continue
+        expected = TESTBED_NUM_CLASSES.get(r["eval_set"]) if baseline.name.startswith("testbed") else None
+        if expected and r.get("num_classes") and r["num_classes"] != expected:
+            warnings.append(f"{r['model']} on {r['eval_set']} was scored on {r['num_classes']} classes, the "
+                            f"testbed line on {expected}: its ER compares unlike with like")
+        pts = baseline.points[r["eval_set"]]
+        lo, hi = bootstrap_interval([p.x for p in pts], [p.y for p in pts], x, r["value"], n=n_boot, seed=seed)
+        out.append(_er_row(r, x, line, baseline.name, "effective_robustness",
+                           effective_robustness(x, r["value"], line), lo, hi))
+    if reference:
+        out += _relative_rows(rows, reference, warnings)
+    return out, lines, warnings
+
+
+def _line_for(eval_set, baseline, lines, warnings):
+    if eval_set in lines:
+        return lines[eval_set]
+    pts = baseline.points.get(eval_set, [])
+    try:
+        lines[eval_set] = fit_line([p.x for p in pts], [p.y for p in pts])
+    except ValueError as e:
+        warnings.append(f"{eval_set}: no baseline line from {baseline.name}: {e}")
+        lines[eval_set] = None
+    return lines[eval_set]
+
+
+def _er_row(r, x, line, baseline_name, metric, value, lo=None, hi=None):
+    keep = ("model", "checkpoint", "train_data", "augmentation", "seed", "eval_set", "role", "class_subset",
+            "num_classes")
+    return {**{k: r.get(k) for k in keep}, "metric": metric, "value": round(value, 6),
+            "ci_low": None if lo is None else round(lo, 6), "ci_high": None if hi is None else round(hi, 6),
+            "id_value": x, "shift_value": r["value"],
+            "predicted": None if line is None else round(float(line.predict(x)), 6),
+            "baseline": baseline_name, "baseline_n": None if line is None else line.n,
+            "slope": None if line is None else round(line.slope, 6),
+            "intercept": None if line is None else round(line.intercept, 6)}
+
+
+def _relative_rows(rows, reference, warnings):
+    """Shift accuracy minus the reference model's (mean over its seeds) on the same eval set and classes."""
+    ref = {}
+    for r in rows:
+        if r.get("metric") == "top1" and r["model"] == reference:
+            ref.setdefault((r["eval_set"], r.get("class_subset", "all")), []).append(r["value"])
+    if not ref:
+        warnings.append(f"reference model {reference!r} has no accuracy rows; no relative robustness")
+        return []
+    out = []
+    for r, x in paired_rows(rows):
+        vals = ref.get((r["eval_set"], r.get("class_subset", "all")))
+        if vals and r["model"] != reference:
+            row = _er_row(r, x, None, None, "relative_robustness",
+                          relative_robustness(r["value"], float(np.mean(vals))))
+            row["reference"] = reference
+            out.append(row)
+    return out

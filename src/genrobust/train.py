@@ -1,11 +1,25 @@
-"""Classifier training on in-memory uint8 images (digits scale): timm model, batched augmentation,
-SGD + cosine schedule with warm-up, one metrics row per epoch, a self-describing checkpoint folder."""
+"""Classifier training: a timm model, batch augmentation on the device, SGD or AdamW under a warm-up schedule,
+one metrics row per epoch, a checkpoint every epoch that `resume` continues from, and DDP under torchrun.
+
+Two input paths, one loop. An `ImageSet` (uint8 in memory: the digits world) is indexed batch by batch; a
+`FileSet` (an ImageFolder too large for memory) is decoded and resized to the model's input size by DataLoader
+workers (`StreamingImages`). Either way a batch reaches the device as uint8 and is augmented there.
+
+Checkpoint folder (DESIGN.md): `config.yaml` (the resolved config), `classes.json` and `data.json` at the start;
+`metrics.csv` and `checkpoints/epoch-NNNN/` (weights and training state; only the last epoch's is kept) after
+every epoch; at the end `model.safetensors`, then `complete.json`. A folder holding `model.safetensors` and
+`complete.json` is a complete checkpoint; the epoch folders are removed then.
+"""
 import csv
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import math
+import os
 import pathlib
+import shutil
 import time
 
 import torch
@@ -16,26 +30,69 @@ from .data.folder import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
+COMPLETE = "complete.json"
+CHECKPOINTS = "checkpoints"
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "cyclic")
+AMP = ("auto", "bf16", "fp16", "none")
+# Defaults that depend on the optimizer (None in TrainConfig): SGD's from the ResNet recipes, AdamW's from DeiT.
+OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
+# Fields that change how fast a run goes but not what it computes: a resume may change them.
+RUNTIME_FIELDS = ("workers",)
+
 
 @dataclasses.dataclass
 class TrainConfig:
+    """The training recipe. `batch_size` is the global batch: under torchrun each rank takes its share."""
+
     model: str = "resnet10t"
     epochs: int = 30
     batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
+    optimizer: str = "sgd"  # sgd (Nesterov) | adamw
+    lr: float = None  # None: 0.1 for sgd, 1e-3 for adamw
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = None  # None: 5e-4 for sgd, 0.05 for adamw; never on norms and biases
+    schedule: str = "cosine"  # cosine | step | cyclic, each after a linear warm-up
+    warmup_epochs: float = 1
+    milestones: tuple = (0.5, 0.75)  # step: lr x gamma at these fractions of training
+    gamma: float = 0.1
     label_smoothing: float = 0.1
     augmentation: str = "standard"
+    flip: bool = False  # horizontal flips in the augmentation (not for digits)
+    amp: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 | none; CUDA only
+    channels_last: bool = True  # CUDA only
+    input_size: int = None  # streamed images are resized to it; None: the model's own (timm data config)
+    workers: int = 4  # DataLoader workers decoding streamed images
     seed: int = 0
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(d["milestones"])
+        return d
+
+    def resolved(self):
+        """A copy with the optimizer's defaults filled in, checked: bad values are errors, not corrections."""
+        checks = [(self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
+                  (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+                  (self.amp in AMP, f"amp must be one of {', '.join(AMP)}"),
+                  (self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch size must be >= 1"),
+                  (self.warmup_epochs >= 0, "warm-up epochs must be >= 0"),
+                  (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+                  (self.lr is None or self.lr > 0, "lr must be > 0"),
+                  (self.weight_decay is None or self.weight_decay >= 0, "weight decay must be >= 0"),
+                  (all(0 < m < 1 for m in self.milestones), "step milestones must be fractions in (0, 1)"),
+                  (self.input_size is None or self.input_size >= 8, "input size must be >= 8")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"bad training config: {msg} (got {self.to_dict()})")
+        defaults = OPTIMIZER_DEFAULTS[self.optimizer]
+        return dataclasses.replace(self, lr=self.lr if self.lr is not None else defaults["lr"],
+                                   weight_decay=self.weight_decay if self.weight_decay is not None
+                                   else defaults["weight_decay"], milestones=tuple(self.milestones))
 
 
-def create_classifier(name, num_classes, in_chans):
-    """A timm model by name; an unknown name is an error that suggests close matches."""
+def check_model_name(name):
+    """An unknown timm model name is an error that suggests close matches."""
     import difflib
 
     import timm
@@ -44,6 +101,13 @@ def create_classifier(name, num_classes, in_chans):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ValueError(f"unknown timm model {name!r}{hint}")
+
+
+def create_classifier(name, num_classes, in_chans):
+    """A timm model by name, random weights; an unknown name is an error that suggests close matches."""
+    import timm
+
+    check_model_name(name)
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
 
 
@@ -58,10 +122,26 @@ def normalization(model, channels):
     return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
 
-def _lr_at(step, total, warmup, base):
+def lr_at(step, total, warmup, base, schedule="cosine", milestones=(0.5, 0.75), gamma=0.1):
+    """Learning rate at optimizer step `step` of `total`: a linear warm-up over `warmup` steps, then
+
+    - cosine: half a cosine from `base` to 0;
+    - step: `base` x `gamma` at each milestone (a fraction of all steps);
+    - cyclic: one triangular cycle, the peak at the end of the warm-up, then linearly to 0 (one-cycle).
+    """
     if step < warmup:
         return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    t = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "cyclic":
+        return base * max(0.0, 1 - t)
+    if schedule == "step":
+        return base * gamma ** sum(step >= m * total for m in milestones)
+    raise ValueError(f"unknown schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+
+
+_lr_at = lr_at  # the name tests and older code use
 
 
 def _param_groups(model, weight_decay):
@@ -71,82 +151,483 @@ def _param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train(data, out, config, device="cpu", data_info=None, progress=True):
-    """Train a classifier on an ImageSet and write the checkpoint folder `out`.
+def _optimizer(model, cfg):
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _amp(cfg, device):
+    """(autocast dtype or None, GradScaler): mixed precision on CUDA only (bf16 on CPU is slower than fp32)."""
+    amp = cfg.amp
+    if device.type != "cuda":
+        if amp not in ("auto", "none"):
+            logger.warning("--amp %s applies on CUDA only; training in float32 on %s", amp, device)
+        amp = "none"
+    elif amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    # fp16 needs loss scaling (its small gradients underflow); bf16 has float32's range and does not
+    return dtype, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def _seed(*parts):
+    """A 60-bit seed derived from (run seed, epoch, rank, purpose): independent streams that a resumed run
+    re-derives from the epoch alone, on every rank, with nothing to carry over."""
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def epoch_plan(n, batch_size, seed, epoch, rank=0, world=1):
+    """This rank's batches of an epoch: [(dataset indices, size of the global batch)].
+
+    Every rank draws the same seeded permutation and takes its contiguous slice of each global batch, so the
+    ranks see disjoint images and together exactly the one-process epoch. Under DDP a last batch too small to
+    give every rank an image is dropped.
+    """
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, "perm")))
+    plan = []
+    for i in range(0, n, batch_size):
+        batch = perm[i:i + batch_size]
+        if len(batch) < world:
+            break
+        plan.append((batch.tensor_split(world)[rank], len(batch)))
+    return plan
+
+
+# --- input: in memory or streamed ------------------------------------------------------------------
+
+class _InMemory:
+    """Batches gathered from a uint8 ImageSet; on CUDA the whole set lives on the device when it is small."""
+
+    def __init__(self, data, device):
+        images, labels = data.images, data.labels
+        if device.type == "cuda" and images.numel() <= 2**31:
+            images, labels = images.to(device), labels.to(device)
+        self.images, self.labels, self.device = images, labels, device
+
+    def __call__(self, plan):
+        for idx, n in plan:
+            idx = idx.to(self.images.device)
+            yield (self.images[idx].to(self.device, non_blocking=True),
+                   self.labels[idx].to(self.device, non_blocking=True), n)
+
+    def close(self):
+        pass
+
+
+class StreamingImages(torch.utils.data.Dataset):
+    """Images on disk, decoded and resized in DataLoader workers to uint8 `C x H x W` at the model's size.
+
+    The shorter side is resized to the target and the centre cropped (the batch augmentation crops at
+    random afterwards). A file that fails to decode mid-run is replaced by the next one, with a warning:
+    a long run does not die on one bad JPEG (the folder scan before training rejects folders with many).
+    """
+
+    def __init__(self, files, labels, channels, size, interpolation="bilinear"):
+        self.files, self.labels = list(files), torch.as_tensor(labels)
+        self.channels, self.size, self.interpolation = channels, tuple(size), interpolation
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        for j in range(i, i + 10):
+            path = self.files[j % len(self)]
+            try:
+                return self.decode(path), int(self.labels[j % len(self)])
+            except Exception as e:  # noqa: BLE001 - any decoder failure
+                logger.warning("unreadable image %s (%s) while training; using the next image instead",
+                               path, e.__class__.__name__)
+        raise ValueError(f"10 unreadable images in a row from {self.files[i]}; check the folder")
+
+    def decode(self, path):
+        import numpy as np
+        from PIL import Image
+
+        h, w = self.size
+        mode = "L" if self.channels == 1 else "RGB"
+        with Image.open(path) as im:
+            im.draft(mode, (w, h))  # JPEG: decode at the smallest 1/2^k scale still >= the target
+            im = im.convert(mode)
+        scale = max(h / im.height, w / im.width)
+        if (im.height, im.width) != (h, w):
+            resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
+            im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), resample)
+            left, top = (im.width - w) // 2, (im.height - h) // 2
+            im = im.crop((left, top, left + w, top + h))
+        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+        return a[None] if a.ndim == 2 else a.permute(2, 0, 1).contiguous()
+
+
+class _PlanSampler:
+    """A batch sampler replaying this epoch's plan: set before each epoch, read in the main process."""
+
+    plan = ()
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self):
+        return len(self.plan)
+
+
+class _Streamed:
+    def __init__(self, data, device, size, workers, interpolation):
+        self.device, self.sampler = device, _PlanSampler()
+        dataset = StreamingImages(data.files, data.labels, data.channels, size, interpolation)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
+            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+    def __call__(self, plan):
+        self.sampler.plan = [idx.tolist() for idx, _ in plan]
+        for (x, y), (_, n) in zip(self.loader, plan):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n
+
+    def close(self):
+        del self.loader  # persistent workers exit with it
+
+
+def _input_size(data, model, cfg):
+    """(H, W) the model trains at: an in-memory set's own, a streamed set's configured or the model's."""
+    import timm.data
+
+    if hasattr(data, "images"):
+        if cfg.input_size is not None and cfg.input_size != data.images.shape[2]:
+            raise ValueError(f"--input-size {cfg.input_size} applies to streamed images; {data.name} is in memory "
+                             f"at {tuple(data.images.shape[2:])} (pass --stream on to resize it)")
+        return tuple(data.images.shape[2:])
+    if cfg.input_size is not None:
+        return (cfg.input_size, cfg.input_size)
+    return tuple(timm.data.resolve_model_data_config(model)["input_size"][1:])
+
+
+# --- distributed ---------------------------------------------------------------------------------------
+
+def _distributed(device):
+    """(rank, world size, device, whether this call started the process group) from torchrun's environment
+    (RANK, WORLD_SIZE, LOCAL_RANK; `accelerate launch` sets them too): gloo on CPU, nccl on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device, False
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, started
+
+
+def _barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _all_reduce(t, world, op="sum"):
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return t
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+def train(data, out, config, device="cpu", data_info=None, progress=True, resume=False, force=False,
+          on_epoch_end=None):
+    """Train a classifier on an ImageSet (in memory) or a FileSet (streamed) and write the checkpoint `out`.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) this is DDP: every rank calls it with the same data;
+    each trains on its slice of every batch, gradients are averaged, only rank 0 writes files.
 
     Args:
-        data: ImageSet (uint8 images, labels, classes).
-        out: checkpoint folder (model.safetensors, config.yaml, classes.json, metrics.csv, data.json).
+        data: ImageSet (uint8 images, labels, classes) or data.mixing.FileSet.
+        out: checkpoint folder (see the module docstring).
         config: TrainConfig.
-        data_info: what the data is (sources, counts, ratio), written to data.json.
-    Returns the list of metric rows.
+        device: "cpu", "cuda", ...; under torchrun on CUDA each rank takes cuda:LOCAL_RANK.
+        data_info: what the data is (sources, mode, counts), written to data.json.
+        resume: continue from the last completed epoch in `out` (a run with another config is an error).
+        force: train from scratch even if `out` holds a complete checkpoint.
+        on_epoch_end: called with each epoch's metrics row once its checkpoint is saved.
+    Returns the metric rows, one per epoch.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from .augment import jsd_loss
+
+    cfg = config.resolved()
+    if resume and force:
+        raise ValueError("--resume continues a run, --force starts it over: pass one of them")
     if len(data.classes) < 2:
         raise ValueError(f"{data.name} has {len(data.classes)} class; a classifier needs at least 2")
+    if len(data) == 0:
+        raise ValueError(f"{data.name} holds no images")
     out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    channels = data.images.shape[1]
-    model = create_classifier(config.model, len(data.classes), channels).to(device)
-    mean, std = (t.to(device) for t in normalization(model, channels))
-    augment = create_augmentation(config.augmentation)
-    opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
-                          nesterov=True)
-    images, labels = data.images, data.labels
-    steps_per_epoch = math.ceil(len(data) / config.batch_size)
-    total, warmup = config.epochs * steps_per_epoch, config.warmup_epochs * steps_per_epoch
-    rows, step, t0 = [], 0, time.time()
-    bar = tqdm(range(config.epochs), desc=f"train {config.model} on {data.name}", disable=not progress)
-    for epoch in bar:
-        model.train()
-        perm = torch.randperm(len(data), generator=gen)
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(data), config.batch_size):
-            idx = perm[i:i + config.batch_size]
-            x = images[idx].to(device).float().div_(255)
-            x = (augment(x, gen) - mean) / std
-            y = labels[idx].to(device)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total, warmup, config.lr)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}; lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-        rows.append({"epoch": epoch + 1, "train_loss": round(loss_sum / len(data), 5),
-                     "train_acc": round(correct / len(data), 5), "lr": round(opt.param_groups[0]["lr"], 6),
-                     "seconds": round(time.time() - t0, 2)})
-        bar.set_postfix(loss=rows[-1]["train_loss"], acc=rows[-1]["train_acc"])
-    _write_checkpoint_files(out, config, data, rows, data_info)
-    # weights last and atomically: a folder with model.safetensors is a complete checkpoint
+    rank, world, device, started = _distributed(torch.device(device))
+    try:
+        if len(data) < world:
+            raise ValueError(f"{data.name} has {len(data)} images, fewer than the {world} processes")
+        channels = data.images.shape[1] if hasattr(data, "images") else data.channels
+        torch.manual_seed(cfg.seed)
+        model = create_classifier(cfg.model, len(data.classes), channels)
+        size = _input_size(data, model, cfg)
+        record = {**cfg.to_dict(), "in_chans": int(channels), "input_size": list(size),
+                  "num_classes": len(data.classes)}
+        meta = {"name": data.name, "num_images": len(data), **(data_info or {})}
+        state = _prepare(out, record, list(data.classes), meta, resume, force, rank, world)
+        if state == "complete":
+            return read_metrics(out)
+        if state is not None:
+            model.load_state_dict(state["model"])
+        model.to(device)
+        cuda = device.type == "cuda"
+        if cuda and cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = _optimizer(model, cfg)
+        amp_dtype, scaler = _amp(cfg, device)
+        ddp = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+            ddp = DistributedDataParallel(model, device_ids=[device] if cuda else None)
+        rows, step, start = [], 0, 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            if state["scaler"]:
+                scaler.load_state_dict(state["scaler"])
+            rows, step, start = json.loads(state["rows"]), state["step"], state["epoch"]
+            if state.get("world_size", world) != world:
+                logger.warning("resuming a run trained on %d processes on %d: later epochs will not match an "
+                               "uninterrupted run exactly", state["world_size"], world)
+            logger.info("resuming %s after epoch %d of %d", out, start, cfg.epochs)
+        mean, std = (t.to(device) for t in normalization(model, channels))
+        augment = create_augmentation(cfg.augmentation, flip=cfg.flip)
+        if hasattr(data, "images"):
+            batches = _InMemory(data, device)
+        else:
+            import timm.data
+            interp = timm.data.resolve_model_data_config(model).get("interpolation", "bilinear")
+            batches = _Streamed(data, device, size, cfg.workers, interp)
+        steps_per_epoch = len(epoch_plan(len(data), cfg.batch_size, cfg.seed, 0, rank, world))
+        total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+        # Checking the loss forces a device sync: every step on one CPU process (free), else every 50 steps.
+        check_every = 1 if (device.type == "cpu" and world == 1) else 50
+        num_classes = len(data.classes)
+        t0, before = time.time(), rows[-1]["seconds"] if rows else 0.0
+        bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress or rank != 0,
+                   desc=f"train {cfg.model} on {data.name}")
+        for epoch in bar:
+            torch.manual_seed(_seed(cfg.seed, epoch, rank, "torch"))  # dropout, drop-path
+            aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, "augment"))
+            plan = epoch_plan(len(data), cfg.batch_size, cfg.seed, epoch, rank, world)
+            ddp.train()
+            sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0  # loss sum, correct; images
+            finite, first = [], step
+            inner = tqdm(batches(plan), total=len(plan), leave=False, desc=f"epoch {epoch + 1}",
+                         disable=not progress or rank != 0 or len(plan) < 50)
+            for i, (x, y, n_global) in enumerate(inner):
+                lr = lr_at(step, total, warmup, cfg.lr, cfg.schedule, cfg.milestones, cfg.gamma)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                x, y = augment(x.float().div_(255), F.one_hot(y, num_classes).float(), aug_gen)
+                x = (x - mean) / std
+                if cuda and cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    logits = ddp(x)
+                logits, n = logits.float(), len(y)
+                # soft targets (mixup, cutmix) and hard ones alike; label smoothing applies to both
+                loss_sum = F.cross_entropy(logits[:n], y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                if augment.jsd:  # AugMix: x held (clean, aug1, aug2); the consistency term is a mean over n
+                    loss_sum = loss_sum + augment.jsd_weight * jsd_loss(logits, n) * n
+                # The global batch's mean loss: each rank divides its sum by the global batch size, and DDP's
+                # gradient average (/ world) is undone by * world; exact even for unequal slices.
+                loss = loss_sum * (world / n_global)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                # accumulated on the device: no sync per step (train accuracy against the soft target's argmax)
+                sums += torch.stack([loss_sum.detach().double(), (logits[:n].argmax(1) == y.argmax(1)).sum().double()])
+                count += n
+                finite.append(torch.isfinite(loss_sum.detach()))
+                if (i + 1) % check_every == 0 or i + 1 == len(plan):
+                    ok = _all_reduce(torch.stack(finite).int(), world, "min")
+                    if not bool(ok.all()):
+                        bad = first + int((ok == 0).nonzero()[0])
+                        raise FloatingPointError(
+                            f"loss became nan or inf at epoch {epoch + 1}, step {bad + 1} (lr {lr:.3g}); stopped. "
+                            f"{_kept(out, rows)} Lower --lr or check the data")
+                    finite, first = [], step
+            inner.close()
+            totals = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=device)])
+            loss_sum, correct, count = _all_reduce(totals, world).tolist()
+            rows.append({"epoch": epoch + 1, "train_loss": round(loss_sum / count, 5),
+                         "train_acc": round(correct / count, 5), "lr": round(lr, 6),
+                         "seconds": round(before + time.time() - t0, 2)})
+            if rank == 0:
+                _save_epoch(out, model, opt, scaler, step, rows, world)
+                logger.info("epoch %d/%d: loss %.4f, acc %.4f, lr %.4g (%.1f s)", epoch + 1, cfg.epochs,
+                            rows[-1]["train_loss"], rows[-1]["train_acc"], lr, rows[-1]["seconds"])
+            bar.set_postfix(loss=rows[-1]["train_loss"], acc=rows[-1]["train_acc"])
+            if on_epoch_end is not None:
+                on_epoch_end(rows[-1])
+        batches.close()
+        if rank == 0:
+            _finish(out, model, rows, step, world, device, amp_dtype)
+        _barrier(world)
+        return rows
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _kept(out, rows):
+    good = rows[-1]["epoch"] if rows else 0
+    if good == 0:
+        return "No epoch finished, so no checkpoint was kept."
+    return f"The checkpoint of epoch {good} is kept in {out / CHECKPOINTS}."
+
+
+# --- the checkpoint folder -----------------------------------------------------------------------------
+
+def _weights(model):
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def _epoch_dirs(out):
+    root = pathlib.Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.name.startswith("epoch-") and (d / "model.safetensors").exists()
+                  and (d / "state.pt").exists())
+
+
+def is_complete(out):
+    out = pathlib.Path(out)
+    return (out / "model.safetensors").exists() and (out / COMPLETE).exists()
+
+
+def _save_epoch(out, model, opt, scaler, step, rows, world):
+    """Weights (safetensors) and training state (tensors and plain types: loadable with weights_only=True)
+    into a temporary folder, renamed into place: an epoch's checkpoint appears whole or not at all."""
+    from safetensors.torch import save_file
+
+    epoch = rows[-1]["epoch"]
+    root = out / CHECKPOINTS
+    tmp = root / f".epoch-{epoch:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_weights(model), tmp / "model.safetensors")
+    # The RNG needs no saving: every epoch re-derives its generators from (seed, epoch, rank). The lr
+    # schedule is a function of the step.
+    torch.save({"epoch": epoch, "step": step, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                "rows": json.dumps(rows), "world_size": world}, tmp / "state.pt")
+    final = root / f"epoch-{epoch:04d}"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _epoch_dirs(out):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    _write_metrics(out, rows)
+
+
+def _load_epoch(folder):
+    from safetensors.torch import load_file
+
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    state["model"] = load_file(folder / "model.safetensors")
+    return state
+
+
+def _finish(out, model, rows, step, world, device, amp_dtype):
+    """Final weights, then the marker: a kill in between leaves a folder that --resume completes."""
+    from safetensors.torch import save_file
+
+    _write_metrics(out, rows)
     tmp = out / ".model.safetensors.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(out / "model.safetensors")
-    return rows
+    save_file(_weights(model), tmp)
+    os.replace(tmp, out / "model.safetensors")
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    atomic_write_text(out / COMPLETE, json.dumps({
+        "epochs": rows[-1]["epoch"], "steps": step, "seconds": rows[-1]["seconds"], "world_size": world,
+        "device": device.type, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+        "torch": torch.__version__, "model_sha256": digest}, indent=2))
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
 
 
-def _write_checkpoint_files(out, config, data, rows, data_info):
+def _write_metrics(out, rows):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def read_metrics(out):
+    """metrics.csv as rows of numbers."""
+    with open(pathlib.Path(out) / "metrics.csv", newline="") as f:
+        return [{k: int(v) if k == "epoch" else float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _differences(out, record, classes, meta):
+    """What differs between the run in `out` and this one: ["model 'resnet10t' (now 'test_resnet')", ...]."""
     import yaml
 
-    cfg = {**config.to_dict(), "in_chans": int(data.images.shape[1]),
-           "input_size": list(data.images.shape[2:]), "num_classes": len(data.classes)}
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    atomic_write_text(out / "classes.json", json.dumps(list(data.classes)))
-    atomic_write_text(out / "data.json", json.dumps({"name": data.name, "num_images": len(data),
-                                                     **(data_info or {})}, indent=2))
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    diffs = [f"{k} {old.get(k)!r} (now {record.get(k)!r})" for k in record
+             if k not in RUNTIME_FIELDS and old.get(k) != record.get(k)]
+    if (out / "classes.json").exists() and json.loads((out / "classes.json").read_text()) != classes:
+        diffs.append("another class list")
+    if (out / "data.json").exists():
+        old_meta = json.loads((out / "data.json").read_text())
+        diffs += [f"data {k} {old_meta.get(k)!r} (now {meta.get(k)!r})" for k in ("name", "num_images", "counts")
+                  if old_meta.get(k) != meta.get(k)]
+    return diffs
+
+
+def _prepare(out, record, classes, meta, resume, force, rank, world):
+    """Decide what to do with what `out` already holds; return the state to resume, None, or "complete".
+
+    Every rank reads the folder and reaches the same decision; only rank 0 changes it.
+    """
+    import yaml
+
+    complete, last = is_complete(out), (_epoch_dirs(out) or [None])[-1]
+    if complete and not (resume or force):
+        old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+        raise ValueError(f"{out} already holds a complete checkpoint ({old.get('model')}, {old.get('epochs')} "
+                         "epochs); pass --force to train it again from scratch, or choose another --out")
+    state = None
+    if resume and (complete or last is not None) and (out / "config.yaml").exists():
+        diffs = _differences(out, record, classes, meta)
+        if diffs:
+            raise ValueError(f"cannot resume {out}: it was trained with {'; '.join(diffs)}; pass --force to start "
+                             "over, or choose another --out")
+        if complete:
+            logger.info("%s is already complete; nothing to resume", out)
+            return "complete"
+        state = _load_epoch(last)
+    elif resume:
+        logger.info("%s holds no finished epoch to resume; starting from epoch 1", out)
+    elif last is not None and not complete:
+        logger.warning("%s holds a run stopped after %s; starting over (pass --resume to continue it)", out,
+                       last.name.replace("-", " ").lstrip("0"))
+    _barrier(world)
+    if rank == 0:
+        if state is None:
+            for p in (out / COMPLETE, out / "model.safetensors", out / "metrics.csv"):
+                p.unlink(missing_ok=True)
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(record, sort_keys=False))
+        atomic_write_text(out / "classes.json", json.dumps(classes))
+        atomic_write_text(out / "data.json", json.dumps(meta, indent=2))
+    _barrier(world)
+    return state
 
 
 def load_checkpoint(path, device="cpu"):

@@ -1,11 +1,60 @@
-"""Real:generated mixing. `add` mode: the real set plus k x |real| generated images, class-balanced."""
+"""Training-set assembly: real and generated images mixed class by class, seeded, with exact counts.
+
+Modes (`MODES`):
+- `add`: the real set plus round(k x |real|) generated images (k = `ratio`), spread evenly over the classes.
+- `replace`: |real| images in all, round(f x |real|) of them generated (f = `fraction`). Every class keeps its
+  real size; its generated images replace as many of its real ones, dropped at random by seed. The arm holds
+  the number of images fixed and changes only where they come from.
+- `generated-only`: every generated image, or `limit` of them spread evenly over the classes.
+
+Several generated folders are pooled before drawing. Generated labels are aligned to the real class list by
+class name, never by folder order. Small sets are read into memory as uint8 (`ImageSet`); ImageFolders too
+large for that (or of mixed image sizes) stay on disk as a `FileSet`, which the trainer streams.
+"""
+import dataclasses
+import logging
 import pathlib
 
 import torch
 
-from .folder import align_classes
+from .folder import IMAGE_SUFFIXES, align_classes, folder_classes, read_jsonl
 from .imageset import ImageSet, concat
 
+logger = logging.getLogger(__name__)
+
+MODES = ("add", "replace", "generated-only")
+# Decoded uint8 bytes above which an ImageFolder is streamed from disk rather than held in memory.
+MEMORY_LIMIT = 4 * 2**30
+
+
+@dataclasses.dataclass
+class FileSet:
+    """Images on disk: paths, integer labels into `classes`, metadata columns; decoded while training.
+
+    `channels` is what every image is converted to (1 = grayscale, 3 = RGB).
+    """
+
+    name: str
+    files: list
+    labels: torch.Tensor
+    classes: list
+    meta: dict = dataclasses.field(default_factory=dict)
+    channels: int = 3
+
+    def __len__(self):
+        return len(self.files)
+
+    def subset(self, index, name=None):
+        idx = torch.as_tensor(index, dtype=torch.long).tolist()
+        return FileSet(name or self.name, [self.files[i] for i in idx], self.labels[idx].clone(),
+                       list(self.classes), {k: [v[i] for i in idx] for k, v in self.meta.items()}, self.channels)
+
+    def counts(self):
+        counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
+        return dict(zip(self.classes, counts))
+
+
+# --- exact per-class counts --------------------------------------------------------------------------
 
 def balanced_counts(total, num_classes, generator):
     """Split `total` over classes as evenly as possible; the remainder goes to classes picked by seed."""
@@ -16,14 +65,50 @@ def balanced_counts(total, num_classes, generator):
     return counts
 
 
+def proportional_counts(total, sizes, generator):
+    """Split `total` over classes in proportion to `sizes`, in exact integers.
+
+    Each class gets the floor of its share; the remainder goes one image at a time to the largest fractional
+    parts, ties broken by seed. With equal sizes this is `balanced_counts` (the same draw, the same result).
+    """
+    n = sum(sizes)
+    order = torch.randperm(len(sizes), generator=generator).tolist()
+    if n == 0:
+        return [0] * len(sizes)
+    base = [total * s // n for s in sizes]  # integer arithmetic: no float rounding at any scale
+    frac = [total * s % n for s in sizes]
+    rank = {c: i for i, c in enumerate(order)}
+    for c in sorted(range(len(sizes)), key=lambda c: (-frac[c], rank[c]))[:total - sum(base)]:
+        base[c] += 1
+    return base
+
+
+def _check_enough(data, need, what):
+    have = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
+    for c, n in enumerate(need):
+        if n > have[c]:
+            raise ValueError(f"{data.name} has {have[c]} images of class {data.classes[c]!r} but {what} needs {n}")
+
+
+def _draw(labels, need, generator):
+    """Per class c, `need[c]` indices of that class drawn without replacement; class by class."""
+    picks = []
+    for c, n in enumerate(need):
+        idx = torch.nonzero(labels == c).flatten()
+        picks.append(idx[torch.randperm(len(idx), generator=generator)[:n]])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.long)
+
+
+# --- the three modes ---------------------------------------------------------------------------------
+
 def mix_add(real, generated, ratio, seed=0):
     """Real images plus round(ratio * |real|) generated ones, class-balanced, drawn without replacement.
 
     Args:
-        real: the real ImageSet.
-        generated: an ImageSet (e.g. several generated folders concatenated), or None when ratio is 0.
+        real: the real ImageSet (or FileSet).
+        generated: the same kind of set (several folders pooled), or None when ratio is 0.
         ratio: k >= 0.
-    Returns (mixed ImageSet with an `origin` column, {"real": {class: n}, "generated": {class: n}}).
+    Returns (mixed set with an `origin` column, {"real": {class: n}, "generated": {class: n}}).
     """
     if ratio < 0:
         raise ValueError(f"--ratio must be >= 0 (k x |real| generated images are added), got {ratio}")
@@ -32,59 +117,314 @@ def mix_add(real, generated, ratio, seed=0):
         if ratio > 0:
             raise ValueError(f"--ratio {ratio} needs generated data; pass --generated FOLDER")
         return real, {"real": real.counts(), "generated": dict.fromkeys(real.classes, 0)}
-    generated = align_classes(generated, real.classes)
+    generated = _align(generated, real.classes)
     g = torch.Generator().manual_seed(seed)
     need = balanced_counts(round(ratio * len(real)), len(real.classes), g)
-    have = torch.bincount(generated.labels, minlength=len(real.classes)).tolist()
-    short = [(real.classes[c], have[c], n) for c, n in enumerate(need) if n > have[c]]
-    if short:
-        name, h, n = short[0]
-        raise ValueError(f"{generated.name} has {h} images of class {name!r} but ratio {ratio} needs {n}; "
-                         "generate more per class or lower --ratio")
-    picks = []
-    for c, n in enumerate(need):
-        idx = torch.nonzero(generated.labels == c).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=g)[:n]])
-    chosen = _with_origin(generated.subset(torch.cat(picks)), "generated")
-    mixed = concat([real, chosen], f"{real.name}+{generated.name}@{ratio}")
+    _check_enough(generated, need, f"ratio {ratio}")
+    chosen = _with_origin(generated.subset(_draw(generated.labels, need, g)), "generated")
+    mixed = _concat([real, chosen], f"{real.name}+{generated.name}@{ratio}")
     return mixed, {"real": real.counts(), "generated": chosen.counts()}
 
 
+def mix_replace(real, generated, fraction, seed=0):
+    """|real| images in all, round(fraction * |real|) of them generated; every class keeps its real size.
+
+    Per class, the generated count is the class's exact share of the total (`proportional_counts`: even
+    when the real classes are); that many of its real images are dropped at random by seed, and as many
+    generated ones drawn without replacement. Kept real images stay in their original order, first.
+    Returns (mixed set with an `origin` column, {"real": kept, "generated": drawn} per class).
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"--fraction must be in [0, 1] (the generated share of |real| images), got {fraction}")
+    real = _with_origin(real, "real")
+    if fraction == 0 or generated is None:
+        if fraction > 0:
+            raise ValueError(f"--fraction {fraction} needs generated data; pass --generated FOLDER")
+        return real, {"real": real.counts(), "generated": dict.fromkeys(real.classes, 0)}
+    generated = _align(generated, real.classes)
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.bincount(real.labels, minlength=len(real.classes)).tolist()
+    need = proportional_counts(round(fraction * len(real)), sizes, g)
+    _check_enough(generated, need, f"fraction {fraction}")
+    picks = _draw(generated.labels, need, g)
+    keep = _draw(real.labels, [s - n for s, n in zip(sizes, need)], g).sort().values
+    kept = real.subset(keep)
+    chosen = _with_origin(generated.subset(picks), "generated")
+    mixed = _concat([kept, chosen], f"{real.name}~{generated.name}@{fraction}")
+    return mixed, {"real": kept.counts(), "generated": chosen.counts()}
+
+
+def mix_generated_only(generated, limit=None, seed=0):
+    """Every generated image, or `limit` of them spread evenly over the classes (drawn by seed).
+
+    Every class needs at least one image: a class with none could never be learnt.
+    Returns (set with an `origin` column, {"real": {class: 0}, "generated": {class: n}}).
+    """
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        need = balanced_counts(limit, len(generated.classes), torch.Generator().manual_seed(seed))
+        _check_enough(generated, need, f"--limit {limit}")
+        generated = generated.subset(_draw(generated.labels, need, torch.Generator().manual_seed(seed)))
+    empty = [c for c, n in generated.counts().items() if n == 0]
+    if empty:
+        raise ValueError(f"{generated.name} has no images of classes {empty}; a generated-only classifier "
+                         "needs every class")
+    chosen = _with_origin(generated, "generated")
+    return chosen, {"real": dict.fromkeys(chosen.classes, 0), "generated": chosen.counts()}
+
+
+# --- helpers shared by ImageSet and FileSet ----------------------------------------------------------
+
+def _align(data, classes):
+    if isinstance(data, ImageSet):
+        return align_classes(data, classes)
+    missing = [c for c in data.classes if c not in classes]
+    if missing:
+        raise ValueError(f"{data.name} has classes {missing} that the real data lacks; "
+                         f"its classes must be a subset of {classes}")
+    remap = torch.tensor([classes.index(c) for c in data.classes], dtype=torch.long)
+    return dataclasses.replace(data, labels=remap[data.labels], classes=list(classes), meta=dict(data.meta))
+
+
 def _with_origin(data, origin):
-    return ImageSet(data.name, data.images, data.labels, data.classes,
-                    {**data.meta, "origin": [origin] * len(data)})
+    return dataclasses.replace(data, meta={**data.meta, "origin": [origin] * len(data)})
 
 
-def build_training_set(real=None, generated=(), ratio=1.0, seed=0):
+def _concat(sets, name):
+    if all(isinstance(s, ImageSet) for s in sets):
+        return concat(sets, name)
+    if not all(isinstance(s, FileSet) for s in sets):
+        raise ValueError(f"{name}: cannot mix in-memory and streamed data")
+    sets = [s for s in sets if len(s)]
+    keys = sorted({k for s in sets for k in s.meta})
+    return FileSet(name, [f for s in sets for f in s.files], torch.cat([s.labels for s in sets]),
+                   list(sets[0].classes), {k: [x for s in sets for x in s.meta.get(k, [None] * len(s))]
+                                           for k in keys}, sets[0].channels)
+
+
+# --- reading folders, tolerating a few corrupt images ------------------------------------------------
+
+def _list_rows(root):
+    meta_path = root / "metadata.jsonl"
+    if meta_path.exists():
+        return read_jsonl(meta_path)
+    return [{"file_name": f"{d.name}/{f.name}", "class_name": d.name}
+            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith((".", "shards"))
+            for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _header(path):
+    """(width, height, mode) from the image header, or the reason it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.width, im.height, im.mode
+    except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, SyntaxError, OSError, ...)
+        return e.__class__.__name__
+
+
+def _scan(root, max_corrupt, channels, name, decode=False, report=True):
+    """(FileSet, skipped paths, decoded uint8 images or None). `decode` also decodes every image (in
+    memory sets): a file whose header reads but whose data does not counts as corrupt too."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .folder import _read_image
+
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder: {root}; give an ImageFolder (<root>/<class>/<image>)")
+    rows = _list_rows(root)
+    if not rows:
+        raise ValueError(f"{root} holds no images in class folders; expected <root>/<class>/<image>.png "
+                         "(an ImageFolder)")
+    classes = folder_classes(root)
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for r in rows:
+        cls = r.get("class_name") or pathlib.PurePosixPath(r["file_name"]).parent.name
+        if cls not in index:
+            raise ValueError(f"{root}: image {r['file_name']} has class {cls!r}, not in the folder's classes")
+        path = root / r["file_name"]
+        if not path.exists():
+            raise FileNotFoundError(f"{root}/metadata.jsonl lists {r['file_name']}, which is missing")
+        paths.append(path)
+        labels.append(index[cls])
+    # Headers are read in threads: opening a file is I/O bound, and ImageNet has 1.28 M of them.
+    with ThreadPoolExecutor(16) as pool:
+        headers = list(pool.map(_header, paths))
+    if channels is None:
+        first = next((h for h in headers if not isinstance(h, str)), None)
+        channels = 1 if first is not None and first[2] in ("L", "1", "I;16") else 3  # as folder._read_image
+    images = None
+    if decode:
+        images = []
+        for i, (p, h) in enumerate(zip(paths, headers)):
+            if isinstance(h, str):
+                images.append(None)
+                continue
+            try:
+                images.append(_read_image(p, channels))
+            except Exception:  # noqa: BLE001 - any decoder failure makes the file corrupt
+                headers[i] = "undecodable"
+                images.append(None)
+    bad = [i for i, h in enumerate(headers) if isinstance(h, str)]
+    if bad:
+        first = f"unreadable image {paths[bad[0]]} ({headers[bad[0]]})"
+        if len(bad) > max_corrupt * len(rows) or len(bad) == len(rows):
+            raise ValueError(f"{first}; {len(bad)} of {len(rows)} images in {root} are unreadable, more than "
+                             f"--max-corrupt {max_corrupt:g} allows: delete or replace them")
+        if report:
+            logger.warning("%s: skipping %d unreadable of %d images (within --max-corrupt %g), e.g. %s",
+                           root, len(bad), len(rows), max_corrupt, first)
+    badset = set(bad)
+    ok = [i for i in range(len(rows)) if i not in badset]
+    keys = sorted({k for r in rows for k in r} - {"label", "class_id", "class_name"})
+    meta = {k: [rows[i].get(k) for i in ok] for k in keys}
+    meta["size"] = [headers[i][:2] for i in ok]
+    files = FileSet(name or f"imagefolder:{root}", [str(paths[i]) for i in ok],
+                    torch.tensor([labels[i] for i in ok], dtype=torch.long), classes, meta, channels)
+    return files, [str(paths[i]) for i in bad], (None if images is None else [images[i] for i in ok])
+
+
+def read_folder(root, channels=None, max_corrupt=0.01, name=None, stream=False):
+    """An ImageFolder as an in-memory ImageSet (stream False) or a FileSet to stream (stream True).
+
+    Args:
+        channels: 1 or 3 (None: the first image's; grayscale -> 1, else 3).
+        max_corrupt: largest fraction of unreadable images that is skipped (with a warning) rather than an
+            error; an in-memory read decodes every image, so a file whose header reads but whose data does
+            not counts too.
+    Returns (set, skipped paths).
+    """
+    if stream:
+        files, skipped, _ = _scan(root, max_corrupt, channels, name)
+        return files, skipped
+    files, skipped, images = _scan(root, max_corrupt, channels, name, decode=True)
+    sizes = sorted({tuple(im.shape[1:]) for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{root}: images differ in size {sizes[:3]}; resize them first, or stream them "
+                         "(--stream on resizes to the model's input size)")
+    meta = {k: v for k, v in files.meta.items() if k != "size"}
+    return ImageSet(files.name, torch.stack(images), files.labels, files.classes, meta), skipped
+
+
+def _should_stream(sets):
+    """Stream when the decoded images would not fit in MEMORY_LIMIT, or differ in size (then they are
+    resized to the model's input size while streaming)."""
+    sizes = [s for f in sets for s in f.meta["size"]]
+    big = sum(w * h for w, h in sizes) * sets[0].channels > MEMORY_LIMIT
+    if big or len(set(sizes)) > 1:
+        logger.info("streaming the training images from disk (%s)",
+                    "too large for memory" if big else "images of several sizes")
+        return True
+    return False
+
+
+# --- from specs to a training set --------------------------------------------------------------------
+
+def _conform(gen, real, folder):
+    """In-memory generated images must have the real images' shape (streamed ones are resized anyway)."""
+    if tuple(gen.images.shape[1:]) != tuple(real.images.shape[1:]):
+        raise ValueError(f"{folder}: images are {tuple(gen.images.shape[1:])}, the real ones "
+                         f"{tuple(real.images.shape[1:])}; resize them, or stream both (--stream on)")
+
+
+def build_training_set(real=None, generated=(), ratio=1.0, seed=0, mode=None, fraction=None, limit=None,
+                       max_corrupt=0.01, stream="auto"):
     """Load and mix training data from specs.
 
     Args:
-        real: a dataset spec (`digits-mnist/train`, `imagefolder:PATH`) or None for generated-only.
-        generated: generated folders (paths); several are pooled before sampling.
-        ratio: k in `add` mode (ignored for generated-only, which uses every generated image).
-    Returns (ImageSet, info dict for the checkpoint's data.json).
+        real: a dataset spec (`digits-mnist/train`, `imagefolder:PATH`), or None. In `generated-only` mode a
+            real spec only fixes the class list (and channels), none of its images are used.
+        generated: generated folders (paths); several are pooled before drawing.
+        ratio: k in `add` mode. fraction: f in `replace` mode. limit: images in `generated-only` mode.
+        mode: one of MODES; None = `add` with real data, `generated-only` without.
+        max_corrupt: fraction of unreadable images per folder that is skipped rather than an error.
+        stream: "auto", True or False: keep ImageFolders on disk (FileSet) rather than in memory.
+    Returns (ImageSet or FileSet, info dict for the checkpoint's data.json, with the exact per-class counts).
     """
     from . import load_dataset
-    from .folder import load_imagefolder
 
+    mode = mode or ("add" if real else "generated-only")
+    if mode not in MODES:
+        raise ValueError(f"unknown --mode {mode!r}; choose from {', '.join(MODES)}")
     if real is None and not generated:
         raise ValueError("no training data: give a real dataset, generated folders, or both")
-    real_set = load_dataset(real) if real else None
-    channels = real_set.images.shape[1] if real_set is not None else None
-    gen_sets = [load_imagefolder(g, channels=channels, name=str(g)) for g in generated]
-    if gen_sets:
-        classes = real_set.classes if real_set is not None else gen_sets[0].classes
-        gen = concat([align_classes(g, classes) for g in gen_sets], "+".join(str(g) for g in generated))
+    if real is None and mode != "generated-only":
+        raise ValueError(f"--mode {mode} needs real data; give --real, or use --mode generated-only")
+    if mode == "generated-only" and not generated:
+        raise ValueError("--mode generated-only needs generated data; pass --generated FOLDER")
+    generated = [str(g) for g in generated]
+    folder = real[len("imagefolder:"):] if real and real.startswith("imagefolder:") else None
+    # First every header (cheap), to decide in memory or streamed; then the images themselves.
+    real_set, channels, skipped = None, None, []
+    if real and folder is None:
+        if stream is True:
+            raise ValueError(f"{real} is an in-memory dataset; --stream on is for ImageFolders")
+        real_set, stream = load_dataset(real), False
+        channels = real_set.images.shape[1]
+    roots = ([(folder, real)] if folder else []) + [(g, g) for g in generated]
+    scanned, unread = [], []
+    for root, name in roots:
+        files, bad, _ = _scan(root, max_corrupt, channels, name, report=False)
+        channels = channels or files.channels
+        scanned.append(files)
+        unread.append(bad)
+    if stream == "auto":
+        stream = _should_stream(scanned)
+    loaded = []
+    for (root, name), files, bad in zip(roots, scanned, unread):
+        if stream:  # the scan is all a streamed set needs (read once: ImageNet has 1.28 M headers)
+            if bad:
+                logger.warning("%s: skipping %d unreadable of %d images (within --max-corrupt %g), e.g. %s",
+                               root, len(bad), len(bad) + len(files), max_corrupt, bad[0])
+        else:
+            files, bad = read_folder(root, channels, max_corrupt, name)
+        loaded.append(files)
+        skipped += bad
+    if folder:
+        real_set, loaded = loaded[0], loaded[1:]
+    if real_set is not None:
+        classes = list(real_set.classes)
+    else:  # the union of the folders' class lists, in the order they first appear
+        classes = []
+        for s in loaded:
+            classes += [c for c in s.classes if c not in classes]
+    gen = None
+    if loaded:
+        if real_set is not None and isinstance(real_set, ImageSet):
+            for s, g in zip(loaded, generated):
+                _conform(s, real_set, g)
+        aligned = [_align(dataclasses.replace(s, meta={**s.meta, "folder": [g] * len(s)}), classes)
+                   for s, g in zip(loaded, generated)]
+        gen = _concat(aligned, "+".join(generated))
+    names = "+".join(pathlib.Path(g).name for g in generated)
+    info = {"real": real, "generated": generated, "mode": mode, "seed": seed}
+    if mode == "generated-only":
+        mixed, counts = mix_generated_only(gen, limit, seed)
+        info.update(limit=limit, label=f"generated only ({', '.join(pathlib.Path(g).name for g in generated)})")
+        if real is None:
+            counts["real"] = {}
+    elif mode == "replace":
+        f = 0.5 if fraction is None else fraction
+        mixed, counts = mix_replace(real_set, gen, f, seed)
+        info.update(fraction=f, label=real if gen is None or f == 0 else f"{real} with {f:g} of it {names}")
     else:
-        gen = None
-    info = {"real": real, "generated": [str(g) for g in generated]}
-    if real_set is None:
-        mixed = _with_origin(gen, "generated")
-        info.update(mode="generated-only", counts={"real": {}, "generated": mixed.counts()},
-                    label=f"generated only ({', '.join(pathlib.Path(g).name for g in generated)})")
-        return mixed, info
-    mixed, counts = mix_add(real_set, gen, ratio if gen is not None else 0.0, seed)
-    label = real if gen is None else f"{real} + {ratio:g}x {'+'.join(pathlib.Path(g).name for g in generated)}"
-    info.update(mode="add" if gen is not None else "real-only", ratio=ratio if gen is not None else 0.0,
-                seed=seed, counts=counts, label=label)
+        r = ratio if gen is not None else 0.0
+        mixed, counts = mix_add(real_set, gen, r, seed)
+        info.update(ratio=r, label=real if gen is None else f"{real} + {ratio:g}x {names}")
+    if gen is None or (mode == "replace" and info["fraction"] == 0) or (mode == "add" and info["ratio"] == 0):
+        info["mode"] = "real-only"
+    info["counts"] = counts
+    if gen is not None:
+        by = mixed.meta.get("folder", [None] * len(mixed))
+        info["counts_by_folder"] = {g: dict(zip(mixed.classes, torch.bincount(
+            mixed.labels[[i for i, f in enumerate(by) if f == g]], minlength=len(mixed.classes)).tolist()))
+            for g in generated}
+    info["num_images"] = len(mixed)
+    info["stream"] = isinstance(mixed, FileSet)
+    if skipped:
+        info["skipped"] = skipped
     return mixed, info
