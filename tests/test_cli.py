@@ -249,14 +249,17 @@ def _quickstart(capsys, out, generator_args):
         assert len(read_jsonl(out / "generated" / s / "metadata.jsonl")) == 30
         info = json.loads((out / "models" / f"real+{s}" / "data.json").read_text())
         assert info["counts"]["generated"] == {str(c): 3 for c in range(10)}
-        assert (out / "grids" / f"{s}.png").stat().st_size > 0
+        assert (out / "figures" / f"samples-{s}.png").stat().st_size > 0
     assert json.loads((out / "models" / "real" / "data.json").read_text())["mode"] == "real-only"
 
     report = (out / "report.md").read_text()
     assert "| model | training data | augmentation | " + " | ".join(DIGITS_SUITE) + " |" in report
     for m in models:
         assert f"\n| {m} | " in report
-    assert "![label](grids/label.png)" in report and "![templates](grids/templates.png)" in report
+    assert "![label](figures/samples-label.png)" in report
+    assert "![templates](figures/samples-templates.png)" in report
+    assert "strategy templates, generator digits-ddpm" in report
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 2
     assert yaml.safe_load((out / "config.yaml").read_text())["ratio"] == 0.03
 
     # a rerun reuses every finished stage

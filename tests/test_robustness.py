@@ -154,3 +154,14 @@ def test_robustness_cli_writes_er_rows_once(tmp_path, capsys):
     assert "generated" in capsys.readouterr().out
     assert main(["robustness", str(results), "--baseline", str(tmp_path / "nope.jsonl")]) == 2
     assert "neither 'testbed' nor a results file" in capsys.readouterr().err
+
+
+def test_er_rows_say_when_accuracies_are_clipped(tmp_path):
+    import json
+    rows = [r for i, x in enumerate((0.6, 0.7, 0.8, 1.0)) for r in _acc_rows(f"zoo{i}", x, min(x, 0.9))]
+    path = tmp_path / "zoo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    er, _, warnings = rb.er_rows(_acc_rows("perfect", 1.0, 0.5), rb.load_baseline(path), n_boot=20)
+    assert len(er) == 1
+    assert any("1 baseline models at accuracy 0 or 1 (e.g. zoo3) were clipped" in w for w in warnings)
+    assert any("perfect on digits-uci: an accuracy of 0 or 1 was clipped" in w for w in warnings)

@@ -73,10 +73,112 @@ def cmd_generate(args):
     print(f"{card['num_images']} images ({args.strategy}) in {args.out}")
 
 
+def read_config(path, parser):
+    """A YAML recipe -> {dest: value} for `parser.set_defaults`. Keys are the parser's flag names with
+    underscores (`batch_size: 256`, `generated: [DIR]`); an unknown key, a value of the wrong kind and a choice
+    the flag does not offer are errors. Read with yaml.safe_load: a recipe is data, never code."""
+    import difflib
+
+    import yaml
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from e
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(cfg).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    values = {}
+    for key, value in cfg.items():
+        action = actions.get(key)
+        if action is None:
+            dest = str(key).replace("-", "_")
+            close = [dest] if dest in actions else difflib.get_close_matches(dest, actions, n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "keys are flag names with underscores"
+            raise ValueError(f"--config {path}: unknown key {key!r}; {hint}")
+        values[key] = _config_value(path, key, value, action)
+    return values
+
+
+def _config_value(path, key, value, action):
+    """A recipe's value checked and converted as the flag's own parsing would."""
+    what = f"--config {path}: {key}"
+    if value is None:
+        if action.default is not None:
+            raise ValueError(f"{what} is empty; give a value or leave the key out (default {action.default!r})")
+        return None
+    if action.nargs == 0:  # --flip, --resume, ...
+        if not isinstance(value, bool):
+            raise ValueError(f"{what} must be true or false, got {value!r}")
+        return value
+    if isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*"):
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"{what} must be a non-empty list ({key}: [...]), got {value!r}")
+        return [_config_item(what, v, action) for v in value]
+    return _config_item(what, value, action)
+
+
+def _config_item(what, value, action):
+    if isinstance(value, (bool, list, dict)) or (action.type is None and not isinstance(value, str)):
+        hint = " (YAML reads a bare on/off/yes/no as true/false: quote it)" if isinstance(value, bool) else ""
+        raise ValueError(f"{what} must be {'a string' if action.type is None else 'a number'}, got {value!r}{hint}")
+    if action.type is not None:
+        try:  # YAML reads 1e-4 as a string and 5 as an int: the flag's own type decides
+            value = action.type(str(value))
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"{what} {value!r} is not a valid {getattr(action.type, '__name__', 'value')} ({e})")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{what} {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _expand_env(what, value):
+    """$VAR and ${VAR} in a recipe's strings from the environment; an unset one is an error."""
+    import re
+
+    if isinstance(value, list):
+        return [_expand_env(what, v) for v in value]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+    expanded = os.path.expandvars(value)
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise ValueError(f"{what} {value!r} uses ${unset.group(1)}, which is not set in the environment")
+    return expanded
+
+
+def apply_config(args):
+    """`train --config FILE.yaml`, timm's pattern: the file's values become the defaults of the train flags and
+    the same command line is parsed again, so a flag given on it wins (a --generated there replaces the file's
+    list). Paths in the file are relative to the current directory; $VARS in its strings are expanded."""
+    if not getattr(args, "config", None):
+        return args
+    root, parser = args.parsers
+    cfg = read_config(args.config, parser)
+    lists = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)} & set(cfg)
+    # an append flag adds to its default, so the file's list stays out of the defaults
+    parser.set_defaults(**{k: [] if k in lists else v for k, v in cfg.items()})
+    new = root.parse_args(args.argv)
+    new.argv = args.argv
+    for key, value in cfg.items():
+        if key in lists and not getattr(new, key):
+            setattr(new, key, value)
+        if getattr(new, key) == value:  # from the file, not replaced by a flag
+            setattr(new, key, _expand_env(f"--config {args.config}: {key}", value))
+    return new
+
+
 def cmd_train(args):
     from .augment import AUGMENTATIONS
     from .data.mixing import build_training_set
-    from .train import TrainConfig, check_model_name, train
+    from .train import TrainConfig, check_model_name, pretrained_file, train
+    args = apply_config(args)
+    if not args.out:
+        raise ValueError("train needs --out FOLDER (or `out:` in the --config file)")
     if args.ratio < 0:
         raise ValueError(f"--ratio must be >= 0 (k x |real| generated images are added), got {args.ratio}")
     if not 0 <= args.max_corrupt < 1:
@@ -86,11 +188,13 @@ def cmd_train(args):
                          warmup_epochs=args.warmup_epochs, milestones=tuple(args.milestones), gamma=args.gamma,
                          label_smoothing=args.label_smoothing, augmentation=args.augmentation, flip=args.flip,
                          amp=args.amp, channels_last=not args.no_channels_last, input_size=args.input_size,
-                         workers=args.workers, seed=args.seed)
-    # names and recipe checked before any image is read (an ImageNet folder scan takes minutes)
+                         workers=args.workers, seed=args.seed, pretrained=args.pretrained, config_file=args.config)
+    # names, recipe and weights checked before any image is read (an ImageNet folder scan takes minutes)
     config.resolved()
     check_model_name(args.model)
     AUGMENTATIONS.get(args.augmentation)
+    if args.pretrained:
+        pretrained_file(args.pretrained)
     real = None if args.real == "none" else args.real
     stream = {"auto": "auto", "on": True, "off": False}[args.stream]
     data, info = build_training_set(real, args.generated, args.ratio, seed=args.seed, mode=args.mode,
@@ -171,8 +275,9 @@ def cmd_quickstart(args):
     from .study import quickstart
     quickstart(args.out, per_class=args.per_class, ratio=args.ratio, epochs=args.epochs, model=args.model,
                seed=args.seed, generator_path=args.generator_path, steps=args.steps, guidance=args.guidance,
-               eta=args.eta, device=_device(args.device))
-    print(f"results: {pathlib.Path(args.out) / 'results.jsonl'}\nreport:  {pathlib.Path(args.out) / 'report.md'}")
+               eta=args.eta, device=_device(args.device), baseline=args.baseline)
+    out = pathlib.Path(args.out)
+    print(f"results: {out / 'results.jsonl'}\nreport:  {out / 'report.md'} and {out / 'report.html'}")
 
 
 def cmd_baselines_train(args):
@@ -268,7 +373,12 @@ def build_parser():
     t = sub.add_parser("train", formatter_class=_FMT,
                        help="train a timm classifier on real, generated, or real+generated data",
                        description="Train a timm classifier. Under `torchrun --nproc_per_node N` the same command "
-                                   "trains with DDP (gloo on CPU, nccl on CUDA); --batch-size is the global batch.")
+                                   "trains with DDP (gloo on CPU, nccl on CUDA); --batch-size is the global batch. "
+                                   "--config FILE.yaml sets the defaults of these flags (recipes in configs/); "
+                                   "flags given on the command line override it.")
+    t.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML recipe: keys are these flags' names with underscores (batch_size: 256, generated: "
+                        "[DIR]); paths in it are relative to the current directory, $VARS are expanded")
     t.add_argument("--real", default="digits-mnist/train",
                    help="real dataset spec (NAME[/SPLIT] or imagefolder:PATH), or 'none' for generated-only")
     t.add_argument("--generated", action="append", default=[], metavar="DIR",
@@ -290,6 +400,10 @@ def build_parser():
     t.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1) - 1),
                    help="DataLoader workers decoding streamed images")
     t.add_argument("--model", default="resnet10t", help="timm model name")
+    t.add_argument("--pretrained", default=None, metavar="PATH",
+                   help="start from local timm weights: a .safetensors/.bin/.pth file or a folder holding "
+                        "model.safetensors or pytorch_model.bin (nothing is downloaded); the head is re-initialised "
+                        "when the class count differs from the weights' config")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=128, help="global batch size")
     t.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
@@ -306,17 +420,18 @@ def build_parser():
     t.add_argument("--gamma", type=float, default=0.1)
     t.add_argument("--label-smoothing", type=float, default=0.1)
     t.add_argument("--augmentation", default="standard", help="genrobust list augmentations")
-    t.add_argument("--flip", action="store_true", help="horizontal flips in the augmentation (not for digits)")
+    t.add_argument("--flip", action=argparse.BooleanOptionalAction, default=False,
+                   help="horizontal flips in the augmentation (not for digits)")
     t.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16); ignored on CPU")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--out", default=None, help="checkpoint folder (required, here or in --config)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last finished epoch (same config and data)")
     t.add_argument("--force", action="store_true", help="overwrite a complete checkpoint in --out")
     _add_device(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, parsers=(p, t))  # --config parses the command line again (apply_config)
 
     e = sub.add_parser("evaluate", formatter_class=_FMT,
                        help="score checkpoints on eval sets; append rows to a results file")
@@ -385,6 +500,8 @@ def build_parser():
     q.add_argument("--epochs", type=int, default=15, help="training epochs of each classifier")
     q.add_argument("--model", default="resnet10t")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--baseline", default=None,
+                   help="a baseline zoo's results.jsonl (genrobust baselines train) for effective robustness")
     _add_sampling(q)
     _add_device(q)
     q.set_defaults(func=cmd_quickstart)

@@ -201,6 +201,9 @@ def er_rows(rows, baseline, n_boot=1000, seed=0, reference=None):
         if expected and r.get("num_classes") and r["num_classes"] != expected:
             warnings.append(f"{r['model']} on {r['eval_set']} was scored on {r['num_classes']} classes, the "
                             f"testbed line on {expected}: its ER compares unlike with like")
+        if not (0 < x < 1 and 0 < r["value"] < 1):
+            warnings.append(f"{r['model']} on {r['eval_set']}: an accuracy of 0 or 1 was clipped to "
+                            f"[{CLIP:g}, {1 - CLIP:g}] for the logit; its ER is a bound, not a measurement")
         pts = baseline.points[r["eval_set"]]
         lo, hi = bootstrap_interval([p.x for p in pts], [p.y for p in pts], x, r["value"], n=n_boot, seed=seed)
         out.append(_er_row(r, x, line, baseline.name, "effective_robustness",
@@ -214,6 +217,10 @@ def _line_for(eval_set, baseline, lines, warnings):
     if eval_set in lines:
         return lines[eval_set]
     pts = baseline.points.get(eval_set, [])
+    edge = [p.model for p in pts if not (0 < p.x < 1 and 0 < p.y < 1)]
+    if edge:
+        warnings.append(f"{eval_set}: {len(edge)} baseline models at accuracy 0 or 1 (e.g. {edge[0]}) were "
+                        f"clipped to [{CLIP:g}, {1 - CLIP:g}] for the logit")
     try:
         lines[eval_set] = fit_line([p.x for p in pts], [p.y for p in pts])
     except ValueError as e:

@@ -37,8 +37,11 @@ SCHEDULES = ("cosine", "step", "cyclic")
 AMP = ("auto", "bf16", "fp16", "none")
 # Defaults that depend on the optimizer (None in TrainConfig): SGD's from the ResNet recipes, AdamW's from DeiT.
 OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 1e-3, "weight_decay": 0.05}}
-# Fields that change how fast a run goes but not what it computes: a resume may change them.
-RUNTIME_FIELDS = ("workers",)
+# Fields that change how fast a run goes or record where its recipe came from, but not what it computes: a
+# resume may change them.
+RUNTIME_FIELDS = ("workers", "config_file")
+# Weight files looked for in a --pretrained folder, in this order (the names timm's hub format saves).
+PRETRAINED_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 @dataclasses.dataclass
@@ -64,6 +67,8 @@ class TrainConfig:
     input_size: int = None  # streamed images are resized to it; None: the model's own (timm data config)
     workers: int = 4  # DataLoader workers decoding streamed images
     seed: int = 0
+    pretrained: str = None  # local timm weights to start from (see `create_classifier`); None: random init
+    config_file: str = None  # the YAML recipe (`train --config`) these values came from: a record only
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -103,12 +108,44 @@ def check_model_name(name):
         raise ValueError(f"unknown timm model {name!r}{hint}")
 
 
-def create_classifier(name, num_classes, in_chans):
-    """A timm model by name, random weights; an unknown name is an error that suggests close matches."""
+def pretrained_file(path):
+    """The weight file `--pretrained path` names: the file itself, or a folder's model.safetensors or
+    pytorch_model.bin; a missing one is an error."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        found = [p / n for n in PRETRAINED_FILES if (p / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--pretrained {path}: the folder holds no {' or '.join(PRETRAINED_FILES)}")
+        return found[0]
+    if not p.is_file():
+        raise FileNotFoundError(f"--pretrained {path}: no such file or folder (give a local .safetensors, .bin or "
+                                f".pth file, or a folder holding {' or '.join(PRETRAINED_FILES)})")
+    return p
+
+
+def create_classifier(name, num_classes, in_chans, pretrained=None):
+    """A timm model by name; an unknown name is an error that suggests close matches.
+
+    Args:
+        pretrained: None (random weights), or local timm weights: a .safetensors / .bin / .pth file or a folder
+            holding one of PRETRAINED_FILES. Nothing is downloaded. timm adapts them as it does its own: the
+            classifier head stays at random init when num_classes differs from the model's pretrained config
+            (1000 for ImageNet models), and the stem conv is summed over RGB when in_chans is 1.
+    """
     import timm
 
     check_model_name(name)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if pretrained is None:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    file = pretrained_file(pretrained)
+    try:
+        # A `file` in the pretrained config takes precedence over the hub and URLs; timm reads .safetensors with
+        # safetensors and anything else with torch.load(weights_only=True), so no pickle code runs.
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)},
+                                 num_classes=num_classes, in_chans=in_chans)
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and pickle each raise their own kinds
+        why = " ".join(str(e).split())[:300] or e.__class__.__name__
+        raise ValueError(f"cannot load --pretrained {file} into {name}: {why}") from e
 
 
 def normalization(model, channels):
@@ -372,7 +409,7 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
             raise ValueError(f"{data.name} has {len(data)} images, fewer than the {world} processes")
         channels = data.images.shape[1] if hasattr(data, "images") else data.channels
         torch.manual_seed(cfg.seed)
-        model = create_classifier(cfg.model, len(data.classes), channels)
+        model = create_classifier(cfg.model, len(data.classes), channels, pretrained=cfg.pretrained)
         size = _input_size(data, model, cfg)
         record = {**cfg.to_dict(), "in_chans": int(channels), "input_size": list(size),
                   "num_classes": len(data.classes)}
