@@ -4,6 +4,7 @@ Target (issue: the spine): the whole command within 5 minutes on a 2-core CPU, s
 Run: `make bench` or `.venv/bin/python bench/bench_quickstart.py [--out DIR]`. Prints a markdown table.
 """
 import argparse
+import collections
 import logging
 import os
 import platform
@@ -25,12 +26,14 @@ def main():
     cmd = [sys.executable, "-m", "genrobust.cli", "quickstart", "--out", out]
     t0 = time.time()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    marks = []
+    marks, tail = [], collections.deque(maxlen=40)
     for line in proc.stderr:
+        tail.append(line)
         m = re.search(r"\[(\d)/(\d)\] (.*)", line)
         if m:
             marks.append((time.time() - t0, m.group(3).strip()))
     if proc.wait() != 0:
+        sys.stderr.write("".join(tail))
         sys.exit(f"quickstart failed with exit code {proc.returncode}")
     total = time.time() - t0
     logging.info("done")

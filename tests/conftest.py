@@ -59,3 +59,26 @@ def tiny_generator(tiny_generator_dir):
     from genrobust.generate import create_generator
 
     return create_generator("digits-ddpm", path=tiny_generator_dir, steps=2, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A test_resnet (BatchNorm) trained for 2 epochs on 40 digits; also the in-memory model train() built."""
+    from genrobust import train as tr
+    from helpers import digits_subset
+
+    built = []
+    create = tr.create_classifier
+
+    def recording(*args, **kwargs):
+        built.append(create(*args, **kwargs))
+        return built[-1]
+
+    data = digits_subset()
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-resnet"
+    config = tr.TrainConfig(model="test_resnet", epochs=2, batch_size=32, seed=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tr, "create_classifier", recording)
+        rows = tr.train(data, out, config, data_info={"real": "digits-mnist/train", "label": "tiny real"},
+                        progress=False)
+    return {"out": out, "rows": rows, "model": built[0].eval(), "data": data, "config": config}

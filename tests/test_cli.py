@@ -7,21 +7,11 @@ import yaml
 from genrobust.cli import main
 from genrobust.data.folder import read_jsonl
 from genrobust.generate.generators import SHIPPED
+from helpers import fails
 
 SUBCOMMANDS = [[], ["list"], ["datasets"], ["datasets", "list"], ["datasets", "export"], ["generator"],
                ["generator", "train"], ["generate"], ["train"], ["evaluate"], ["report"], ["quickstart"]]
 DIGITS_SUITE = ["digits-mnist/test", "digits-uci", "digits-fonts/unseen"]
-
-
-def fails(capsys, argv):
-    """Run the CLI expecting a clean failure; return its one error line."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("genrobust: error:")]
-    assert len(lines) == 1, err
-    assert err.rstrip("\n").endswith(lines[0])  # the message is one line, and the last one
-    return lines[0]
 
 
 # --- listings and help -------------------------------------------------------------------------------

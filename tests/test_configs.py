@@ -16,6 +16,7 @@ from genrobust import train as tr
 from genrobust.cli import apply_config, build_parser, main, read_config
 
 from conftest import write_imagefolder
+from helpers import fails
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 WNIDS = ("n01440764", "n01443537", "n01484850")
@@ -27,15 +28,6 @@ def _parse(argv):
     args = build_parser().parse_args(argv)
     args.argv = argv
     return apply_config(args)
-
-
-def _fails(capsys, argv):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("genrobust: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _jpegs(root, classes, per_class, size=40, seed=0):
@@ -198,7 +190,7 @@ def test_environment_variables_in_the_file(tmp_path, monkeypatch, capsys):
     args = _parse(["--config", str(path)])
     assert args.real == "imagefolder:/data/train" and args.generated == ["/data/g"]
     monkeypatch.delenv("GENROBUST_TEST_ROOT")
-    line = _fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
+    line = fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
     assert "real 'imagefolder:$GENROBUST_TEST_ROOT/train' uses $GENROBUST_TEST_ROOT, which is not set" in line
     # a flag that replaces the value needs no variable
     args = _parse(["--config", str(path), "--real", "digits-mnist/train", "--generated", "g"])
@@ -221,20 +213,20 @@ def test_environment_variables_in_the_file(tmp_path, monkeypatch, capsys):
         "not-a-mapping", "bad-yaml"])
 def test_bad_recipes_are_one_line_errors(capsys, tmp_path, text, message):
     path = _write(tmp_path, text)
-    line = _fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
+    line = fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
     assert line.startswith(f"genrobust: error: --config {path}") and message in line, line
 
 
 def test_a_missing_config_file_or_out_is_an_error(capsys, tmp_path):
-    line = _fails(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "ck")])
+    line = fails(capsys, ["train", "--config", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "ck")])
     assert line == f"genrobust: error: --config {tmp_path / 'nope.yaml'}: no such file"
-    line = _fails(capsys, ["train", "--config", str(_write(tmp_path, "epochs: 1\n"))])
+    line = fails(capsys, ["train", "--config", str(_write(tmp_path, "epochs: 1\n"))])
     assert "train needs --out FOLDER (or `out:` in the --config file)" in line
 
 
 def test_yaml_is_data_never_code(tmp_path, capsys):
     path = _write(tmp_path, "model: !!python/object/apply:os.system ['touch pwned']\n")
-    line = _fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
+    line = fails(capsys, ["train", "--config", str(path), "--out", str(tmp_path / "ck")])
     assert "not valid YAML" in line and not pathlib.Path("pwned").exists()
 
 
@@ -300,10 +292,10 @@ def test_training_starts_from_the_pretrained_weights(saved_weights, tmp_path, mo
 
 def test_missing_or_unreadable_pretrained_weights_are_one_line_errors(capsys, tmp_path, saved_weights):
     argv = ["train", "--model", "test_resnet", "--out", str(tmp_path / "ck"), "--pretrained"]
-    line = _fails(capsys, argv + [str(tmp_path / "nope.safetensors")])
+    line = fails(capsys, argv + [str(tmp_path / "nope.safetensors")])
     assert f"--pretrained {tmp_path / 'nope.safetensors'}: no such file or folder" in line
     (tmp_path / "empty").mkdir()
-    line = _fails(capsys, argv + [str(tmp_path / "empty")])
+    line = fails(capsys, argv + [str(tmp_path / "empty")])
     assert "the folder holds no model.safetensors or pytorch_model.bin" in line
     assert not (tmp_path / "ck").exists()  # checked before any data is read
     with pytest.raises(FileNotFoundError, match="no such file or folder"):

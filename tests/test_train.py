@@ -18,50 +18,15 @@ from genrobust.data import load_dataset
 from genrobust.data.folder import export_imageset
 from genrobust.data.imageset import ImageSet
 from genrobust.data.mixing import FileSet, build_training_set
+from helpers import digits_subset, fails
 
 DIGITS = [str(i) for i in range(10)]
 FAST = "test_efficientnet_ln"  # a tiny timm model without BatchNorm: ~0.05 s per epoch of 40 digits
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _digits(per_class=4, split="digits-mnist/train"):
-    data = load_dataset(split)
-    idx = [i for c in range(10) for i in torch.nonzero(data.labels == c).flatten()[:per_class].tolist()]
-    return data.subset(idx, name=f"{split}[:{10 * per_class}]")
-
-
 def _config(**kw):
     return tr.TrainConfig(**{"model": FAST, "epochs": 2, "batch_size": 16, "seed": 0, **kw})
-
-
-def _fails(capsys, argv):
-    """Run the CLI expecting a clean failure; return its one error line."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("genrobust: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A test_resnet (BatchNorm) trained for 2 epochs on 40 digits; also the in-memory model train() built."""
-    built = []
-    create = tr.create_classifier
-
-    def recording(*args, **kwargs):
-        built.append(create(*args, **kwargs))
-        return built[-1]
-
-    data = _digits()
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-resnet"
-    config = tr.TrainConfig(model="test_resnet", epochs=2, batch_size=32, seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tr, "create_classifier", recording)
-        rows = tr.train(data, out, config, data_info={"real": "digits-mnist/train", "label": "tiny real"},
-                        progress=False)
-    return {"out": out, "rows": rows, "model": built[0].eval(), "data": data, "config": config}
 
 
 # --- recipe --------------------------------------------------------------------------------------------
@@ -182,7 +147,7 @@ def test_soft_target_and_jsd_augmentations_train(tmp_path, monkeypatch, name, kw
         return made[-1]
 
     monkeypatch.setattr(tr, "create_augmentation", create)
-    rows = tr.train(_digits(2), tmp_path / name, _config(epochs=1, augmentation=name), progress=False)
+    rows = tr.train(digits_subset(2), tmp_path / name, _config(epochs=1, augmentation=name), progress=False)
     assert made[0].jsd == bool(kwargs) and rows[0]["train_loss"] > 0 and 0 <= rows[0]["train_acc"] <= 1
 
 
@@ -204,7 +169,7 @@ def test_unknown_model_suggests_close_names():
 
 def test_unknown_model_in_train_raises(tmp_path):
     with pytest.raises(ValueError, match="did you mean test_resnet"):
-        tr.train(_digits(1), tmp_path / "x", tr.TrainConfig(model="test_resnt", epochs=1), progress=False)
+        tr.train(digits_subset(1), tmp_path / "x", tr.TrainConfig(model="test_resnt", epochs=1), progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -239,7 +204,7 @@ def _without_seconds(rows):
 
 
 def test_resume_after_a_kill_between_epochs_matches_an_uninterrupted_run(tmp_path):
-    data, config = _digits(), tr.TrainConfig(model="test_resnet", epochs=3, batch_size=16, seed=1)
+    data, config = digits_subset(), tr.TrainConfig(model="test_resnet", epochs=3, batch_size=16, seed=1)
     full = tr.train(data, tmp_path / "full", config, progress=False)
 
     def kill_after_first(row):
@@ -264,7 +229,7 @@ def test_resume_after_a_kill_between_epochs_matches_an_uninterrupted_run(tmp_pat
                          ids=["sgd-cosine", "adamw-step-mixup", "sgd-cyclic"])
 def test_resume_after_a_kill_mid_epoch(tmp_path, monkeypatch, recipe):
     """Killed during epoch 2 (a forward hook raises): the half-done epoch is redone from epoch 1's state."""
-    data, config = _digits(), _config(epochs=3, **recipe)
+    data, config = digits_subset(), _config(epochs=3, **recipe)
     full = tr.train(data, tmp_path / "full", config, progress=False)
     create, calls = tr.create_classifier, []
 
@@ -294,7 +259,7 @@ def test_resume_after_a_kill_mid_epoch(tmp_path, monkeypatch, recipe):
 def test_resume_after_sigkill_of_the_cli(tmp_path, caplog):
     """The real thing: `genrobust train` SIGKILLed once an epoch is saved, then `--resume` (about 12 s)."""
     caplog.set_level("INFO", logger="genrobust")
-    real = export_imageset(_digits(8), tmp_path / "real")
+    real = export_imageset(digits_subset(8), tmp_path / "real")
     argv = ["train", "--real", f"imagefolder:{real}", "--model", FAST, "--epochs", "6", "--batch-size", "16",
             "--augmentation", "standard", "--out"]
     assert main(argv + [str(tmp_path / "full")]) == 0
@@ -314,7 +279,7 @@ def test_resume_after_sigkill_of_the_cli(tmp_path, caplog):
 
 
 def test_complete_checkpoint_is_refused_kept_or_forced(tmp_path):
-    data, config = _digits(2), _config(epochs=1)
+    data, config = digits_subset(2), _config(epochs=1)
     rows = tr.train(data, tmp_path / "ck", config, progress=False)
     before = (tmp_path / "ck" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(ValueError, match=r"already holds a complete checkpoint \(test_efficientnet_ln, 1 epochs\); "
@@ -330,7 +295,7 @@ def test_complete_checkpoint_is_refused_kept_or_forced(tmp_path):
 
 
 def test_resume_with_another_model_or_config_names_the_difference(tmp_path):
-    data = _digits(2)
+    data = digits_subset(2)
     tr.train(data, tmp_path / "ck", _config(epochs=1), progress=False)
     with pytest.raises(ValueError, match=r"cannot resume .*ck: it was trained with model 'test_efficientnet_ln' "
                                          r"\(now 'test_resnet'\)"):
@@ -338,11 +303,11 @@ def test_resume_with_another_model_or_config_names_the_difference(tmp_path):
     with pytest.raises(ValueError, match=r"lr 0.1 \(now 0.2\)"):
         tr.train(data, tmp_path / "ck", _config(epochs=1, lr=0.2), progress=False, resume=True)
     with pytest.raises(ValueError, match=r"data num_images 20 \(now 40\)"):
-        tr.train(_digits(4), tmp_path / "ck", _config(epochs=1), progress=False, resume=True)
+        tr.train(digits_subset(4), tmp_path / "ck", _config(epochs=1), progress=False, resume=True)
 
 
 def test_a_partial_run_without_resume_starts_over(tmp_path, caplog):
-    data, config = _digits(2), _config(epochs=2)
+    data, config = digits_subset(2), _config(epochs=2)
 
     def stop(row):
         raise Killed
@@ -368,7 +333,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return model
 
     monkeypatch.setattr(tr, "create_classifier", poisoned)
-    data, out = _digits(), tmp_path / "ck"  # 40 images, batch 16: 3 steps per epoch; step 5 is epoch 2's 2nd
+    data, out = digits_subset(), tmp_path / "ck"  # 40 images, batch 16: 3 steps per epoch; step 5 is epoch 2's 2nd
     with pytest.raises(FloatingPointError, match=r"loss became nan or inf at epoch 2, step 5 \(lr [0-9.e-]+\); "
                                                  r"stopped\. The checkpoint of epoch 1 is kept in"):
         tr.train(data, out, _config(epochs=3), progress=False)
@@ -379,8 +344,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def test_absurd_lr_stops_via_the_cli(capsys, tmp_path):
-    real = export_imageset(_digits(2), tmp_path / "real")
-    line = _fails(capsys, ["train", "--real", f"imagefolder:{real}", "--model", FAST, "--epochs", "2",
+    real = export_imageset(digits_subset(2), tmp_path / "real")
+    line = fails(capsys, ["train", "--real", f"imagefolder:{real}", "--model", FAST, "--epochs", "2",
                            "--lr", "1e30", "--augmentation", "none", "--out", str(tmp_path / "ck")])
     # one step per epoch: the first loss is computed before the absurd update, the second is not finite
     assert "loss became nan or inf at epoch 2, step 2 (lr 1e+30)" in line and "Lower --lr" in line
@@ -433,7 +398,7 @@ def test_streamed_training_on_a_folder_of_mixed_sizes(tmp_path):
 
 def test_input_size_is_for_streamed_data_only(tmp_path):
     with pytest.raises(ValueError, match="--input-size 32 applies to streamed images"):
-        tr.train(_digits(2), tmp_path / "ck", _config(input_size=32), progress=False)
+        tr.train(digits_subset(2), tmp_path / "ck", _config(input_size=32), progress=False)
 
 
 # --- distributed ----------------------------------------------------------------------------------------
@@ -445,7 +410,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     the runs differ only by float summation order. (With BatchNorm each rank normalises its own 16 images:
     a real but small difference, as in any DDP run without SyncBatchNorm.)
     """
-    real = export_imageset(_digits(6), tmp_path / "real")  # 60 images: 2 steps of 32 per epoch, the last of 28
+    real = export_imageset(digits_subset(6), tmp_path / "real")  # 60 images: 2 steps of 32 per epoch, the last of 28
     args = ["train", "--real", f"imagefolder:{real}", "--model", FAST, "--epochs", "2", "--batch-size", "32",
             "--augmentation", "none", "--lr", "0.05", "--out"]
     assert main(args + [str(tmp_path / "one")]) == 0
@@ -475,21 +440,21 @@ def real_folder(tiny_images):
 
 
 def test_cli_unknown_model(capsys, tmp_path, real_folder):
-    line = _fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--model", "resnet1o",
+    line = fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--model", "resnet1o",
                            "--out", str(tmp_path / "ck")])
     assert "unknown timm model 'resnet1o'" in line and "did you mean" in line
 
 
 def test_cli_one_class(capsys, tmp_path, tiny_images):
     one = tiny_images("one", classes=("7",), per_class=3)
-    line = _fails(capsys, ["train", "--real", f"imagefolder:{one}", "--model", FAST, "--out", str(tmp_path / "ck")])
+    line = fails(capsys, ["train", "--real", f"imagefolder:{one}", "--model", FAST, "--out", str(tmp_path / "ck")])
     assert f"imagefolder:{one} has 1 class; a classifier needs at least 2" in line
 
 
 def test_cli_empty_generated_folder(capsys, tmp_path, real_folder):
     empty = tmp_path / "empty"
     (empty / "0").mkdir(parents=True)
-    line = _fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--generated", str(empty),
+    line = fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--generated", str(empty),
                            "--model", FAST, "--out", str(tmp_path / "ck")])
     assert f"{empty} holds no images" in line
 
@@ -501,7 +466,7 @@ def test_cli_corrupt_images_skipped_within_max_corrupt(capsys, caplog, tmp_path,
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     argv = ["train", "--real", f"imagefolder:{real}", "--generated", str(gen), "--ratio", "0.8", "--model", FAST,
             "--epochs", "1", "--augmentation", "none"]
-    line = _fails(capsys, argv + ["--out", str(tmp_path / "a")])  # 1 of 10 is 10% > 1%
+    line = fails(capsys, argv + ["--out", str(tmp_path / "a")])  # 1 of 10 is 10% > 1%
     assert f"unreadable image {bad}" in line and "1 of 10 images" in line and "--max-corrupt 0.01" in line
     assert main(argv + ["--max-corrupt", "0.2", "--out", str(tmp_path / "b")]) == 0
     assert caplog.text.count("skipping 1 unreadable of 10 images") == 1
@@ -511,7 +476,7 @@ def test_cli_corrupt_images_skipped_within_max_corrupt(capsys, caplog, tmp_path,
 
 def test_cli_generated_classes_not_in_the_real_data(capsys, tmp_path, real_folder, tiny_images):
     gen = tiny_images("gen", classes=("3", "cat", "dog"), per_class=1)
-    line = _fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--generated", str(gen),
+    line = fails(capsys, ["train", "--real", f"imagefolder:{real_folder}", "--generated", str(gen),
                            "--model", FAST, "--out", str(tmp_path / "ck")])
     assert f"{gen} has classes ['cat', 'dog'] that the real data lacks" in line
 
@@ -521,9 +486,9 @@ def test_cli_resume_a_checkpoint_of_another_model(capsys, tmp_path, real_folder)
             "--out", str(tmp_path / "ck")]
     assert main(argv + ["--model", FAST]) == 0
     capsys.readouterr()
-    line = _fails(capsys, argv + ["--model", "test_resnet", "--resume"])
+    line = fails(capsys, argv + ["--model", "test_resnet", "--resume"])
     assert f"cannot resume {tmp_path / 'ck'}" in line and "model 'test_efficientnet_ln' (now 'test_resnet')" in line
-    line = _fails(capsys, argv + ["--model", FAST])
+    line = fails(capsys, argv + ["--model", FAST])
     assert "already holds a complete checkpoint" in line and "--force" in line
     assert main(argv + ["--model", FAST, "--force"]) == 0
 

@@ -13,33 +13,6 @@ DIGITS = [str(i) for i in range(10)]
 RESULT_KEYS = {"model", "checkpoint", "train_data", "eval_set", "metric", "value", "n", "class_subset"}
 
 
-def _small_train_set():
-    data = load_dataset("digits-mnist/train")
-    idx = [i for c in range(10) for i in torch.nonzero(data.labels == c).flatten()[:4].tolist()]
-    return data.subset(idx, name="digits-mnist/train[:40]")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A test_resnet trained for 2 epochs on 40 digits; also the in-memory model train() built."""
-    built = []
-    create = tr.create_classifier
-
-    def recording(*args, **kwargs):
-        model = create(*args, **kwargs)
-        built.append(model)
-        return model
-
-    data = _small_train_set()
-    out = tmp_path_factory.mktemp("ckpt") / "tiny-resnet"
-    config = tr.TrainConfig(model="test_resnet", epochs=2, batch_size=32, seed=0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tr, "create_classifier", recording)
-        rows = tr.train(data, out, config, data_info={"real": "digits-mnist/train", "label": "tiny real"},
-                        progress=False)
-    return {"out": out, "rows": rows, "model": built[0].eval(), "data": data, "config": config}
-
-
 # Training tests (checkpoint folder, schedules, repeatability, resume, ...) live in test_train.py.
 
 

@@ -104,14 +104,18 @@ def folder_classes(root):
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "shards")))
 
 
-def load_imagefolder(root, channels=None, name=None):
-    """Read an ImageFolder (with or without `metadata.jsonl`) into memory."""
+def list_labelled_files(root):
+    """(manifest rows, classes, paths, class indices) of an ImageFolder, from `metadata.jsonl` when present.
+
+    A missing folder, an empty one, a row of an unknown class or a listed file that is gone is an error.
+    """
     root = pathlib.Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {root}; give an ImageFolder (<root>/<class>/<image>)")
     meta_path = root / "metadata.jsonl"
-    rows = read_jsonl(meta_path) if meta_path.exists() else None
-    if rows is None:
+    if meta_path.exists():
+        rows = read_jsonl(meta_path)
+    else:
         rows = [{"file_name": f"{d.name}/{f.name}", "class_name": d.name}
                 for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith((".", "shards"))
                 for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -120,7 +124,7 @@ def load_imagefolder(root, channels=None, name=None):
                          "(an ImageFolder)")
     classes = folder_classes(root)
     index = {c: i for i, c in enumerate(classes)}
-    images, labels = [], []
+    paths, labels = [], []
     for r in rows:
         cls = r.get("class_name") or pathlib.PurePosixPath(r["file_name"]).parent.name
         if cls not in index:
@@ -128,8 +132,16 @@ def load_imagefolder(root, channels=None, name=None):
         path = root / r["file_name"]
         if not path.exists():
             raise FileNotFoundError(f"{root}/metadata.jsonl lists {r['file_name']}, which is missing")
-        images.append(_read_image(path, channels))
+        paths.append(path)
         labels.append(index[cls])
+    return rows, classes, paths, labels
+
+
+def load_imagefolder(root, channels=None, name=None):
+    """Read an ImageFolder (with or without `metadata.jsonl`) into memory."""
+    root = pathlib.Path(root)
+    rows, classes, paths, labels = list_labelled_files(root)
+    images = [_read_image(path, channels) for path in paths]
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise ValueError(f"{root}: images differ in size or channels {sorted(shapes)[:3]}; resize them first")

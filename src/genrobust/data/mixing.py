@@ -17,7 +17,7 @@ import pathlib
 
 import torch
 
-from .folder import IMAGE_SUFFIXES, align_classes, folder_classes, read_jsonl
+from .folder import align_classes
 from .imageset import ImageSet, concat
 
 logger = logging.getLogger(__name__)
@@ -205,15 +205,6 @@ def _concat(sets, name):
 
 # --- reading folders, tolerating a few corrupt images ------------------------------------------------
 
-def _list_rows(root):
-    meta_path = root / "metadata.jsonl"
-    if meta_path.exists():
-        return read_jsonl(meta_path)
-    return [{"file_name": f"{d.name}/{f.name}", "class_name": d.name}
-            for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith((".", "shards"))
-            for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-
-
 def _header(path):
     """(width, height, mode) from the image header, or the reason it cannot be read."""
     from PIL import Image
@@ -230,27 +221,10 @@ def _scan(root, max_corrupt, channels, name, decode=False, report=True):
     memory sets): a file whose header reads but whose data does not counts as corrupt too."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .folder import _read_image
+    from .folder import _read_image, list_labelled_files
 
     root = pathlib.Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}; give an ImageFolder (<root>/<class>/<image>)")
-    rows = _list_rows(root)
-    if not rows:
-        raise ValueError(f"{root} holds no images in class folders; expected <root>/<class>/<image>.png "
-                         "(an ImageFolder)")
-    classes = folder_classes(root)
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
-    for r in rows:
-        cls = r.get("class_name") or pathlib.PurePosixPath(r["file_name"]).parent.name
-        if cls not in index:
-            raise ValueError(f"{root}: image {r['file_name']} has class {cls!r}, not in the folder's classes")
-        path = root / r["file_name"]
-        if not path.exists():
-            raise FileNotFoundError(f"{root}/metadata.jsonl lists {r['file_name']}, which is missing")
-        paths.append(path)
-        labels.append(index[cls])
+    rows, classes, paths, labels = list_labelled_files(root)
     # Headers are read in threads: opening a file is I/O bound, and ImageNet has 1.28 M of them.
     with ThreadPoolExecutor(16) as pool:
         headers = list(pool.map(_header, paths))
