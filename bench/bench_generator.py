@@ -40,7 +40,7 @@ def main():
     for strategy in ("label", "templates"):
         reqs = create_strategy(strategy)(classes, args.per_class, 0, gen.prompts)
         t0 = time.time()
-        images = torch.cat([gen.generate(reqs[i:i + gen.batch_size]) for i in range(0, len(reqs), gen.batch_size)])
+        images = torch.cat([gen.generate(reqs[i:i + gen.batch_size])[0] for i in range(0, len(reqs), gen.batch_size)])
         rate = len(reqs) / (time.time() - t0)
         pred = predict(model, images).argmax(1)
         labels = torch.tensor([r.class_id for r in reqs])

@@ -19,7 +19,8 @@ DIGITS_SUITE = ["digits-mnist/test", "digits-uci", "digits-fonts/unseen"]
 def test_list_strategies(capsys):
     assert main(["list", "strategies"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in out] == ["label", "templates"]
+    assert [line.split()[0] for line in out] == ["captions", "class", "image", "image-label", "label",
+                                                 "templates"]
 
 
 def test_list_with_pattern(capsys):

@@ -103,9 +103,10 @@ def test_generator_reads_style_from_prompt(tiny_generator, tiny_generator_dir):
 
 def test_generator_images_depend_on_their_seed_only(tiny_generator):
     reqs = [Request(c, str(c), 0, derive_seed(0, c, 0), "a printed digit {}.".format(c)) for c in range(6)]
-    batch = tiny_generator.generate(reqs)
+    batch, flags = tiny_generator.generate(reqs)
+    assert flags == [None] * 6
     assert batch.dtype == torch.uint8 and tuple(batch.shape) == (6, 1, 28, 28)
-    alone = tiny_generator.generate(reqs[4:5])
+    alone, _ = tiny_generator.generate(reqs[4:5])
     # batching may change float rounding, never the image
     assert (alone[0].int() - batch[4].int()).abs().max() <= 1
     assert not torch.equal(batch[0], batch[1])

@@ -66,8 +66,8 @@ def test_shipped_registries():
     from genrobust.generate import GENERATORS, STRATEGIES
 
     assert DATASETS.list() == ["digits-fonts", "digits-mnist", "digits-uci"]
-    assert GENERATORS.list() == ["digits-ddpm"]
-    assert STRATEGIES.list() == ["label", "templates"]
+    assert GENERATORS.list() == ["class-conditional", "digits-ddpm", "image-variation", "img2img", "text2img"]
+    assert STRATEGIES.list() == ["captions", "class", "image", "image-label", "label", "templates"]
     assert AUGMENTATIONS.list() == ["augmix", "augmix-jsd", "autoaugment", "cutmix", "mixup", "noise2net", "none",
                                     "randaugment", "standard", "trivialaugment"]
     assert EVAL_SETS.list() == ["digits-fonts/unseen", "digits-mnist/test", "digits-uci", "imagenet-a",

@@ -24,7 +24,8 @@ def _registries():
     from .data import DATASETS
     from .evaluate import EVAL_SETS
     from .generate import GENERATORS, STRATEGIES
-    return {"datasets": DATASETS, "generators": GENERATORS, "strategies": STRATEGIES,
+    from .generate.captioners import CAPTIONERS
+    return {"datasets": DATASETS, "generators": GENERATORS, "strategies": STRATEGIES, "captioners": CAPTIONERS,
             "augmentations": AUGMENTATIONS, "eval-sets": EVAL_SETS}
 
 
@@ -59,18 +60,68 @@ def cmd_generator_train(args):
     print(f"digits-ddpm written to {out}")
 
 
+def _generator_kwargs(args):
+    """Factory arguments for the chosen generator: digits-ddpm takes a folder, diffusers ones a model id."""
+    from .generate import GENERATORS
+    GENERATORS.get(args.generator)  # a misspelt name fails first, with suggestions
+    # None: the generator's own default (digits-ddpm: 20 steps, guidance 2; Stable Diffusion: 50, 7.5)
+    common = {k: v for k, v in {"steps": args.steps, "guidance": args.guidance}.items() if v is not None}
+    common.update(device=_device(args.device), batch_size=args.batch_size)
+    if args.generator in ("digits-ddpm", "img2img"):
+        common["strength"] = args.strength
+    if args.generator == "digits-ddpm":
+        return {**common, "path": args.generator_path, "eta": args.eta}
+    if not args.model:
+        raise ValueError(f"generator {args.generator!r} needs --model (a local diffusers folder, or a hub id "
+                         "whose weights are in the local cache)")
+    extra = {"model": args.model, "scheduler": args.scheduler, "height": args.height, "width": args.width,
+             "negative_prompt": args.negative_prompt, "dtype": args.dtype, "compile": args.compile}
+    return {**common, **{k: v for k, v in extra.items() if v is not None and v is not False}}
+
+
+def _captioner(args):
+    if args.strategy != "captions":
+        return None
+    from .generate.captioners import create_captioner
+    if not args.captioner_model:
+        raise ValueError("strategy 'captions' needs --captioner-model (a local BLIP folder or cached hub id)")
+    return create_captioner(args.captioner, model=args.captioner_model, device=_device(args.device))
+
+
+def _shard(text):
+    if text is None:
+        return None
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit()):
+        raise ValueError(f"--shard takes I/N (this process's slice and the number of slices), got {text!r}")
+    return int(i), int(n)
+
+
 def cmd_generate(args):
     from .generate import create_generator, generate
     from .study import write_config
-    generator = create_generator(args.generator, path=args.generator_path, steps=args.steps,
-                                 guidance=args.guidance, eta=args.eta, device=_device(args.device),
-                                 batch_size=args.batch_size)
+    if args.per_class is None and args.per_image is None:
+        args.per_class = 100
+    generator = create_generator(args.generator, **_generator_kwargs(args))
     classes = args.classes.split(",") if args.classes else generator.classes()
-    card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed)
+    if classes is None:
+        raise ValueError(f"{args.generator} takes any class names: pass --classes a,b,c")
+    card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed,
+                    per_image=args.per_image, source=args.source, captioner=_captioner(args),
+                    shard=_shard(args.shard), max_attempts=args.max_attempts)
     # written after the run is accepted: a refused rerun must not overwrite the folder's config
     write_config(args.out, {"command": "generate", **{k: v for k, v in vars(args).items()
                                                       if k not in ("func", "argv")}})
-    print(f"{card['num_images']} images ({args.strategy}) in {args.out}")
+    if card is not None:
+        print(f"{card['num_images']} images ({args.strategy}) in {args.out}")
+    else:
+        print(f"shard done; {args.out} is merged when the last shard finishes (or `genrobust generate merge`)")
+
+
+def cmd_generate_merge(args):
+    from .generate.runner import merge
+    card = merge(args.out)
+    print(f"{card['num_images']} images merged into {pathlib.Path(args.out) / 'metadata.jsonl'}")
 
 
 def read_config(path, parser):
@@ -311,10 +362,12 @@ def _add_device(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
 
 
-def _add_sampling(p):
+def _add_sampling(p, steps=20, guidance=2.0):
     p.add_argument("--generator-path", default=None, help="local generator folder; None = the shipped one")
-    p.add_argument("--steps", type=int, default=20, help="DDIM sampling steps")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=steps,
+                   help="sampling steps" + ("" if steps else " (default: the generator's; digits-ddpm 20)"))
+    p.add_argument("--guidance", type=float, default=guidance,
+                   help="classifier-free guidance scale" + ("" if guidance else " (default: the generator's)"))
     p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 = stochastic, 0 = deterministic")
 
 
@@ -361,14 +414,37 @@ def build_parser():
                        help="generate a class-labelled dataset folder with a generator")
     g.add_argument("--generator", default="digits-ddpm", help="registered generator (genrobust list generators)")
     g.add_argument("--strategy", default="label", help="conditioning strategy (genrobust list strategies)")
-    g.add_argument("--per-class", type=int, default=100, help="images per class")
+    g.add_argument("--per-class", type=int, default=None, help="images per class (default 100)")
+    g.add_argument("--per-image", type=int, default=None,
+                   help="K images per real source image (image, image-label, captions)")
+    g.add_argument("--source", default=None,
+                   help="real source images: a dataset spec (digits-mnist/train, imagefolder:PATH)")
     g.add_argument("--classes", default=None, help="comma-separated class names (default: all)")
     g.add_argument("--seed", type=int, default=0, help="run seed; per-image seeds derive from it")
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--out", required=True, help="output folder (a rerun with the same settings resumes)")
-    _add_sampling(g)
+    g.add_argument("--shard", default=None, metavar="I/N",
+                   help="run slice I of N (job arrays); under torchrun RANK/WORLD_SIZE are used instead")
+    g.add_argument("--max-attempts", type=int, default=3,
+                   help="tries per image before a flagged (nsfw) or blank image's request is given up")
+    _add_sampling(g, steps=None, guidance=None)
+    g.add_argument("--strength", type=float, default=0.8, help="img2img / SDEdit strength for source strategies")
+    g.add_argument("--model", default=None, help="diffusers generators: a local folder or a cached hub id")
+    g.add_argument("--scheduler", default=None, help="diffusers scheduler by name: ddim, dpm-solver++, euler, ...")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--dtype", default=None, help="auto (float16 on CUDA), float16, bfloat16, float32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (CUDA)")
+    g.add_argument("--captioner", default="blip", help="captioner for the captions strategy")
+    g.add_argument("--captioner-model", default=None, help="local BLIP folder or cached hub id")
     _add_device(g)
     g.set_defaults(func=cmd_generate)
+
+    gm = sub.add_parser("generate-merge", formatter_class=_FMT,
+                        help="merge a sharded generation's shards (also: `genrobust generate merge OUT`)")
+    gm.add_argument("out", help="the generation folder")
+    gm.set_defaults(func=cmd_generate_merge)
 
     t = sub.add_parser("train", formatter_class=_FMT,
                        help="train a timm classifier on real, generated, or real+generated data",
@@ -512,7 +588,10 @@ def main(argv=None):
     from .registry import UnknownNameError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parse = argv
+    if argv[:2] == ["generate", "merge"]:  # `generate` takes options, so its `merge` action is routed here
+        parse = ["generate-merge", *argv[2:]]
+    args = build_parser().parse_args(parse)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

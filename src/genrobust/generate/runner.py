@@ -1,32 +1,47 @@
-"""The resumable generation runner: requests -> images on disk -> `metadata.jsonl` + `dataset_card.json`.
+"""The resumable, shardable generation runner: requests -> images on disk -> `metadata.jsonl` + card.
 
-Progress lives in `shards/rank<r>.jsonl` (one row per finished image, appended after its PNG is in place),
-so a killed run resumes without duplicates or holes; the merge at the end writes the manifest.
+Each process appends one row per finished request to `shards/rank<r>.jsonl`, after its PNG is in place, so a
+killed run resumes without duplicates or holes. The plan (every request key, in order) is `shards/plan.json`;
+whoever finds every key done merges the shards into `metadata.jsonl` and `dataset_card.json`.
+Sharding: RANK/WORLD_SIZE (torchrun, accelerate launch) or `shard=(i, n)` (job arrays); process r takes
+requests r, r+n, r+2n, ... of the plan.
+Quality control: an image flagged by the generator (a safety checker's "nsfw") or blank is never kept: the
+request is retried with the next derived seed, up to `max_attempts`; every attempt's reason is recorded.
 """
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import re
 
 from ..data.folder import atomic_write_bytes, atomic_write_text, encode_png, read_jsonl, write_jsonl
-from .strategies import create_strategy
+from .strategies import Sources, create_strategy, derive_seed
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("file_name", "label", "class_id", "class_name", "strategy", "prompt", "negative_prompt",
-                   "source_image", "seed", "generator", "revision", "scheduler", "steps", "guidance_scale",
-                   "eta", "strength", "height", "width", "dtype", "flagged", "scores", "sha256")
+                   "caption", "source_image", "seed", "generator", "revision", "scheduler", "steps",
+                   "guidance_scale", "eta", "strength", "height", "width", "dtype", "flagged", "attempts",
+                   "batch_id", "batch_pos", "scores", "sha256")
 
 
 def class_dir(name):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "class"
 
 
-def _run_identity(strategy, generator, classes, per_class, seed):
-    return {"strategy": strategy, "generator": generator.config(), "revision": generator.revision,
-            "classes": list(classes), "per_class": per_class, "seed": seed}
+def _run_identity(strategy, generator, classes, per_class, seed, per_image=None, source=None, captioner=None,
+                  max_attempts=3):
+    identity = {"strategy": strategy, "generator": generator.config(), "revision": generator.revision,
+                "classes": list(classes), "per_class": per_class, "seed": seed}
+    # keys added later only when used, so folders made before them still resume
+    extra = {"per_image": per_image, "source": source, "captioner": captioner}
+    identity.update({k: v for k, v in extra.items() if v is not None})
+    if max_attempts != 3:
+        identity["max_attempts"] = max_attempts
+    return identity
 
 
 def _check_identity(out, identity):
@@ -34,7 +49,7 @@ def _check_identity(out, identity):
     if path.exists():
         old = json.loads(path.read_text())
         if old != identity:
-            changed = sorted(k for k in identity if old.get(k) != identity[k])
+            changed = sorted(k for k in set(identity) | set(old) if old.get(k) != identity.get(k))
             raise ValueError(f"{out} already holds a generation run with other settings ({', '.join(changed)}); "
                              "rerun with the same settings to resume, or choose a new --out")
     else:
@@ -42,110 +57,328 @@ def _check_identity(out, identity):
         atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True))
 
 
-def _finished(out, shard):
-    """Rows already finished (and whose image is on disk), keyed by request key."""
+def _read_shard(out, shard):
+    """Valid rows of one shard file whose image (if kept) is on disk, keyed by request key."""
     done = {}
     if shard.exists():
         for line in shard.read_text().splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut by a kill; its image is regenerated
-            if (out / row["file_name"]).exists():
+                continue  # a line cut by a kill; its request is redone
+            if row.get("file_name") is None or (out / row["file_name"]).exists():
                 done[row["_key"]] = row
     return done
 
 
-def _row(req, gen_info, strategy, file_name, sha):
+def finished(out):
+    """Every finished request of every shard (rejected ones included), keyed by request key."""
+    out = pathlib.Path(out)
+    done = {}
+    for shard in sorted((out / "shards").glob("rank*.jsonl")):
+        done.update(_read_shard(out, shard))
+    return done
+
+
+def _row(req, gen_info, strategy, file_name, sha, attempts, batch_id, batch_pos):
     row = dict.fromkeys(MANIFEST_FIELDS)
     row.update(gen_info)
     row.update(file_name=file_name, label=req.class_id, class_id=req.class_id, class_name=req.class_name,
-               strategy=strategy, prompt=req.prompt, source_image=req.source_image, seed=req.seed, sha256=sha,
-               flagged=None, scores={})
+               strategy=strategy, prompt=req.prompt, caption=getattr(req, "caption", None),
+               source_image=req.source_image, seed=req.seed, sha256=sha, flagged=None, scores={},
+               attempts=attempts, batch_id=batch_id, batch_pos=batch_pos)
     row["_key"] = req.key
     return row
 
 
-def _write_batch(out, shard, reqs, images, gen_info, strategy):
+def _write_batch(out, shard, items, gen_info, strategy):
+    """Write kept images atomically, then append their rows (and rejected requests' rows) to the shard."""
     rows = []
-    for req, img in zip(reqs, images):
+    for req, img, attempts, batch_id, pos in items:
+        if img is None:  # every attempt failed quality control: recorded, never kept as data
+            rows.append(_row(req, gen_info, strategy, None, None, attempts, batch_id, pos))
+            continue
         png = encode_png(img)
         file_name = f"{class_dir(req.class_name)}/{req.class_id:04d}_{req.index:06d}.png"
         atomic_write_bytes(out / file_name, png)
-        rows.append(_row(req, gen_info, strategy, file_name, hashlib.sha256(png).hexdigest()))
+        rows.append(_row(req, gen_info, strategy, file_name, hashlib.sha256(png).hexdigest(), attempts,
+                         batch_id, pos))
     with open(shard, "a") as f:  # rows go in only once their PNGs are in place
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    return len(rows)
+    return sum(1 for r in rows)
 
 
-def generate(generator, strategy, classes, out, per_class, seed=0, progress=True):
-    """Generate `per_class` images per class with `generator` under `strategy` into the folder `out`.
+def _batch_id(batch):
+    return hashlib.sha256("|".join(f"{r.key}@{r.seed}" for r in batch).encode()).hexdigest()[:16]
 
-    Resumes a killed run with the same settings. Returns the dataset card (a dict).
+
+def _shard_of(shard):
+    """(rank, world): an explicit `(i, n)`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise ValueError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
+        return i, n
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A request on its way through quality control: its attempts so far and the reasons they failed."""
+
+    req: object
+    attempts: tuple = ()
+
+
+def generate(generator, strategy, classes, out, per_class=None, seed=0, progress=True, per_image=None,
+             source=None, captioner=None, shard=None, max_attempts=3):
+    """Generate a class-labelled dataset folder with `generator` under `strategy`.
+
+    Args:
+        classes: class names, in label order.
+        per_class / per_image: images per class, or per real source image (source strategies).
+        source: dataset spec of the real images (`image`, `image-label`, `captions`).
+        captioner: a captioner object (`captions`), see generate.captioners.
+        shard: `(i, n)` to run the i-th of n slices (job arrays); default: RANK/WORLD_SIZE or one process.
+        max_attempts: tries per request before a flagged or blank image's request is given up (recorded).
+    Resumes a killed run with the same settings. Returns the dataset card, or None when other shards have
+    not finished yet (the last one to finish merges).
     """
-    from tqdm.auto import tqdm
-
     out = pathlib.Path(out)
     make_requests = create_strategy(strategy)  # an unknown name fails here, with suggestions
     if strategy not in generator.strategies:
         raise ValueError(f"generator {generator.name!r} cannot run strategy {strategy!r}; "
                          f"it supports {list(generator.strategies)}")
-    if per_class < 1:
-        raise ValueError(f"--per-class must be at least 1, got {per_class}")
-    requests = make_requests(classes, per_class, seed, generator.prompts)
-    _check_identity(out, _run_identity(strategy, generator, classes, per_class, seed))
-    shard = out / "shards" / "rank0.jsonl"
-    shard.parent.mkdir(exist_ok=True)
-    done = _finished(out, shard)
-    # Rewrite the shard from its valid rows: a line cut by a kill must not swallow the next append.
-    write_jsonl(shard, done.values())
-    todo = [r for r in requests if r.key not in done]
+    known = generator.classes() if hasattr(generator, "classes") else None
+    if known is not None and any(c not in known for c in classes):
+        bad = [c for c in classes if c not in known]
+        raise ValueError(f"{generator.name} knows classes {known[:10]}{'...' if len(known) > 10 else ''}, "
+                         f"not {', '.join(map(repr, bad[:5]))}")
+    if strategy == "captions" and captioner is None:
+        raise ValueError("strategy 'captions' needs a captioner: pass --captioner blip --captioner-model PATH")
+    sources = Sources(source) if source else None
+    if sources is not None and sources.skipped:
+        logger.warning("%s: %d unreadable source images skipped (e.g. %s)", source, len(sources.skipped),
+                       sources.skipped[0])
+    requests = make_requests(classes, per_class, seed, generator.prompts, sources=sources, per_image=per_image)
+    rank, world = _shard_of(shard)
+    cap_name = getattr(captioner, "name", None)
+    _check_identity(out, _run_identity(strategy, generator, classes, per_class, seed, per_image, source,
+                                       cap_name, max_attempts))
+    _write_plan(out, requests, sources)
+    if strategy == "captions":
+        requests = _with_captions(out, requests, sources, captioner, rank)
+    own = out / "shards" / f"rank{rank}.jsonl"
+    write_jsonl(own, _read_shard(out, own).values())  # drop a line cut by a kill before appending
+    done = finished(out)
+    mine = requests[rank::world]
     if done:
-        logger.info("%s: resuming, %d of %d images already done", out, len(done), len(requests))
-    gen_info = generator.info()
+        logger.info("%s: resuming, %d of %d requests already done", out, len(done), len(requests))
+    _run(generator, strategy, mine, set(done), out, own, sources, seed, max_attempts, progress)
+    if world > 1 and shard is None and _distributed_barrier():
+        if rank != 0:
+            return None
+    card = merge(out, gen_info=generator.info(), required=False)
+    if card is None:
+        logger.info("%s: shard %d/%d done; the last shard to finish merges (or run `genrobust generate merge "
+                    "%s`)", out, rank, world, out)
+    return card
+
+
+def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempts, progress):
+    """Generate this process's requests in fixed batches; the writer thread encodes and saves meanwhile.
+
+    Batches are fixed slices of the plan, and a batch with anything left to do is generated whole (only its
+    missing images are written): a resumed run makes the same batches as an uninterrupted one, so its images
+    are the same to the bit, and `regenerate` can rebuild any image's batch from the manifest. Retries of
+    flagged or blank images follow in batches of their own.
+    """
+    from tqdm.auto import tqdm
+
     bs = generator.batch_size
-    bar = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=f"generate {strategy}",
-               disable=not progress, unit="img")
-    # Encoding and writing run on a worker thread so the model never waits on disk.
+    fixed = [[_Job(r) for r in mine[i:i + bs]] for i in range(0, len(mine), bs)]
+    queue = [b for b in fixed if any(j.req.key not in done for j in b)]
+    bar = tqdm(total=len(mine), initial=len(mine) - sum(j.req.key not in done for b in queue for j in b),
+               desc=f"generate {strategy}", disable=not progress, unit="img")
+    retries, given_up = [], 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for start in range(0, len(todo), bs):
-            batch = todo[start:start + bs]
-            images = generator.generate(batch)
+        while queue or retries:
+            if not queue:
+                queue = [retries[i:i + bs] for i in range(0, len(retries), bs)]
+                retries = []
+            jobs = queue.pop(0)
+            items, again = _generate_batch(generator, jobs, done, sources, seed, max_attempts)
+            retries += again
+            given_up += sum(1 for it in items if it[1] is None)
             if pending is not None:
                 bar.update(pending.result())
-            pending = pool.submit(_write_batch, out, shard, batch, images, gen_info, strategy)
+            pending = pool.submit(_write_batch, out, shard, items, generator.info(), strategy)
         if pending is not None:
             bar.update(pending.result())
     bar.close()
-    return merge(out, requests, strategy, gen_info, generator.config(), seed)
+    if given_up:
+        logger.warning("%s: %d requests failed quality control %d times and were given up", out, given_up,
+                       max_attempts)
 
 
-def merge(out, requests, strategy, gen_info, generator_config, seed):
-    """Write `metadata.jsonl` (request order) and `dataset_card.json` from the shard rows."""
+def _generate_batch(generator, jobs, done, sources, seed, max_attempts):
+    """(items to write, jobs to retry) for one batch; requests already done are generated, not written."""
+    from .filters import is_blank
+
+    batch = [j.req for j in jobs]
+    srcs = None if sources is None else [sources.load(r.source_image) for r in batch]
+    images, flags = generator.generate(batch, srcs)
+    items, again, batch_id = [], [], _batch_id(batch)
+    for pos, (job, img, flag) in enumerate(zip(jobs, images, flags)):
+        if not job.attempts and job.req.key in done:
+            continue
+        reason = flag or ("blank" if is_blank(img) else None)
+        if reason is None:
+            items.append((job.req, img, list(job.attempts), batch_id, pos))
+            continue
+        attempts = job.attempts + ({"seed": job.req.seed, "reason": reason},)
+        if len(attempts) < max_attempts:
+            req = job.req
+            again.append(_Job(dataclasses.replace(req, seed=derive_seed(seed, req.class_id, req.index,
+                                                                        len(attempts))), attempts))
+        else:
+            items.append((job.req, None, list(attempts), batch_id, pos))
+    return items, again
+
+
+def _write_plan(out, requests, sources):
+    plan = {"keys": [r.key for r in requests],
+            "skipped_sources": [] if sources is None else sources.skipped}
+    path = out / "shards" / "plan.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(plan)
+    if not path.exists() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+def _with_captions(out, requests, sources, captioner, rank):
+    """Fill each request's prompt from its source image's caption; captions are cached in `captions/`."""
+    from .captioners import class_prompt
+
+    cache_dir = out / "captions"
+    cache_dir.mkdir(exist_ok=True)
+    cache = {}
+    for f in sorted(cache_dir.glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            cache[row["source_image"]] = row["caption"]
+    todo = sorted({r.source_image for r in requests} - set(cache))
+    if todo:
+        logger.info("captioning %d source images with %s", len(todo), captioner.name)
+        own = cache_dir / f"rank{rank}.jsonl"
+        bs = getattr(captioner, "batch_size", 16)
+        for i in range(0, len(todo), bs):
+            refs = todo[i:i + bs]
+            caps = captioner.caption([sources.load(ref) for ref in refs])
+            with open(own, "a") as f:
+                f.write("".join(json.dumps({"source_image": r, "caption": c}) + "\n" for r, c in zip(refs, caps)))
+            cache.update(zip(refs, caps))
+    return [_Captioned(**dataclasses.asdict(r) | {"prompt": class_prompt(cache[r.source_image], r.class_name)},
+                       caption=cache[r.source_image]) for r in requests]
+
+
+def _captioned_type():
+    from .strategies import Request
+
+    @dataclasses.dataclass(frozen=True)
+    class Captioned(Request):
+        caption: str = None
+    return Captioned
+
+
+_Captioned = _captioned_type()
+
+
+def _distributed_barrier():
+    """Wait for every torchrun process (gloo works on CPU); False when no process group can be formed."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:
+            return False
+        dist.init_process_group("gloo")
+    dist.barrier()
+    return True
+
+
+def merge(out, gen_info=None, required=True):
+    """Write `metadata.jsonl` (plan order) and `dataset_card.json` from every shard's rows.
+
+    Returns the card; when requests are still missing, raises (`required`) or returns None.
+    """
     out = pathlib.Path(out)
-    done = _finished(out, out / "shards" / "rank0.jsonl")
-    missing = [r.key for r in requests if r.key not in done]
+    plan_path = out / "shards" / "plan.json"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{out} holds no generation plan (shards/plan.json); run `genrobust generate` first")
+    plan = json.loads(plan_path.read_text())
+    identity = json.loads((out / "run.json").read_text())
+    done = finished(out)
+    missing = [k for k in plan["keys"] if k not in done]
     if missing:
-        raise RuntimeError(f"{out}: {len(missing)} images are missing after generation (e.g. {missing[:3]})")
-    rows = []
-    for r in requests:
-        row = dict(done[r.key])
-        row.pop("_key")
-        rows.append(row)
+        if required:
+            raise ValueError(f"{out}: {len(missing)} of {len(plan['keys'])} requests are not done yet (e.g. "
+                             f"{missing[:3]}); finish every shard (rerun its command) before merging")
+        return None
+    rows, rejected, reasons = [], {}, {}
+    for k in plan["keys"]:
+        row = {f: v for f, v in done[k].items() if f != "_key"}
+        for a in row.get("attempts") or []:
+            reasons[a["reason"]] = reasons.get(a["reason"], 0) + 1
+        if row["file_name"] is None:
+            rejected[row["class_name"]] = rejected.get(row["class_name"], 0) + 1
+        else:
+            rows.append(row)
     write_jsonl(out / "metadata.jsonl", rows)
-    classes = sorted({(r.class_id, r.class_name) for r in requests})
     counts = {}
     for r in rows:
         counts[r["class_name"]] = counts.get(r["class_name"], 0) + 1
+    if gen_info is None:
+        gen_info = {k: rows[0].get(k) for k in ("generator", "revision", "scheduler", "steps", "guidance_scale",
+                                                "eta", "strength", "height", "width", "dtype")} if rows else {}
     card = {
-        "name": out.name, "kind": "generated", "strategy": strategy, "generator": generator_config,
-        "generation": {k: gen_info[k] for k in gen_info}, "seed": seed,
-        "classes": [name for _, name in classes], "num_images": len(rows), "counts": counts,
+        "name": out.name, "kind": "generated", "strategy": identity["strategy"],
+        "generator": identity["generator"], "generation": dict(gen_info), "seed": identity["seed"],
+        "classes": list(identity["classes"]), "num_images": len(rows), "counts": counts,
         "metadata_sha256": hashlib.sha256((out / "metadata.jsonl").read_bytes()).hexdigest(),
     }
+    if rejected or reasons:
+        card["quality_control"] = {"failed_attempts": reasons, "given_up": rejected}
+    for key in ("source", "per_image", "captioner"):
+        if key in identity:
+            card[key] = identity[key]
+    if plan.get("skipped_sources"):
+        card["skipped_sources"] = plan["skipped_sources"]
     atomic_write_text(out / "dataset_card.json", json.dumps(card, indent=2))
     return card
+
+
+def regenerate(generator, out, file_name, source=None):
+    """Regenerate one image from the manifest: its batch (same requests, same seeds, same positions) is run
+    again and its image returned, so on one device it is identical to the file."""
+    from .strategies import Request
+
+    rows = read_manifest(out)
+    row = next((r for r in rows if r["file_name"] == file_name), None)
+    if row is None:
+        raise ValueError(f"{file_name} is not in {out}/metadata.jsonl")
+    mates = sorted((r for r in rows if r.get("batch_id") == row["batch_id"]), key=lambda r: r["batch_pos"])
+    index = lambda r: int(r["file_name"].rsplit("_", 1)[1].split(".")[0])  # noqa: E731
+    batch = [Request(r["class_id"], r["class_name"], index(r), r["seed"], r["prompt"],
+                     source_image=r["source_image"]) for r in mates]
+    sources = Sources(source) if source else None
+    srcs = None if sources is None else [sources.load(r.source_image) for r in batch]
+    images, _ = generator.generate(batch, srcs)
+    return images[[r["file_name"] for r in mates].index(file_name)]
 
 
 def read_manifest(out):

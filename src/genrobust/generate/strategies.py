@@ -50,16 +50,134 @@ def _requests(classes, per_class, seed, prompt_for):
             for c, name in enumerate(classes) for i in range(per_class)]
 
 
+def _text_only(name, per_class, sources, per_image):
+    if per_image is not None:
+        raise ValueError(f"--per-image needs a strategy that starts from real images (image, image-label, "
+                         f"captions), not {name!r}; use --per-class")
+    if per_class is None or per_class < 1:
+        raise ValueError(f"--per-class must be at least 1, got {per_class}")
+
+
 @STRATEGIES.register("label", description="the generator's class-label prompt, e.g. 'a photo of a {}.'")
-def label_strategy(classes, per_class, seed, prompts):
+def label_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    _text_only("label", per_class, sources, per_image)
     return _requests(classes, per_class, seed, lambda name, s: prompts.label.format(name))
 
 
 @STRATEGIES.register("templates", description="one of the generator's diverse templates per image, "
                                               "chosen by the image's seed")
-def templates_strategy(classes, per_class, seed, prompts):
+def templates_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    _text_only("templates", per_class, sources, per_image)
     t = prompts.templates
     return _requests(classes, per_class, seed, lambda name, s: t[s % len(t)].format(name))
+
+
+@STRATEGIES.register("class", description="the class index only (class-conditional models)")
+def class_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    _text_only("class", per_class, sources, per_image)
+    return _requests(classes, per_class, seed, lambda name, s: None)
+
+
+def _sourced(classes, per_class, seed, sources, per_image, prompt_for, name):
+    """Requests that each start from a real image of their class: K per source image (`per_image`), or
+    `per_class` per class cycling through the class's sources in order."""
+    if sources is None:
+        raise ValueError(f"strategy {name!r} starts from real images: pass --source DATASET (e.g. "
+                         "digits-mnist/train or imagefolder:PATH)")
+    if (per_class is None) == (per_image is None):
+        raise ValueError("give exactly one of --per-class N and --per-image K")
+    amount = per_image if per_image is not None else per_class
+    if amount < 1:
+        raise ValueError(f"--per-{'image' if per_image is not None else 'class'} must be at least 1, got {amount}")
+    out = []
+    for c, cls in enumerate(classes):
+        refs = sources.refs(cls)
+        if not refs:
+            raise ValueError(f"the source set has no readable image of class {cls!r}")
+        n = len(refs) * per_image if per_image is not None else per_class
+        for i in range(n):
+            ref = refs[i // per_image] if per_image is not None else refs[i % len(refs)]
+            out.append(Request(class_id=c, class_name=cls, index=i, seed=derive_seed(seed, c, i),
+                               prompt=prompt_for(cls), source_image=ref))
+    return out
+
+
+@STRATEGIES.register("image", description="a real image only (image variations; SDEdit for digits)")
+def image_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    return _sourced(classes, per_class, seed, sources, per_image, lambda cls: None, "image")
+
+
+@STRATEGIES.register("image-label", description="a real image and its class prompt, at --strength (img2img)")
+def image_label_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    return _sourced(classes, per_class, seed, sources, per_image, lambda cls: prompts.label.format(cls),
+                    "image-label")
+
+
+@STRATEGIES.register("captions", description="a captioner's description of a real image of the class, with "
+                                             "the class name enforced")
+def captions_strategy(classes, per_class, seed, prompts, sources=None, per_image=None):
+    # the prompt is the caption of the source image, filled in by the runner from its caption cache
+    return _sourced(classes, per_class, seed, sources, per_image, lambda cls: None, "captions")
+
+
+class Sources:
+    """Real source images by class, referenced by strings that the manifest records.
+
+    `imagefolder:PATH` sets are listed without decoding (ImageNet-sized sets stay on disk; references are
+    paths relative to PATH); registered sets are referenced as `SPEC#INDEX`. Unreadable files are left out
+    and listed in `skipped`.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.skipped = []
+        self._by_class = {}
+        if spec.startswith("imagefolder:"):
+            self._init_folder(spec.split(":", 1)[1])
+        else:
+            from ..data import load_dataset
+            self._data = load_dataset(spec)
+            for i, y in enumerate(self._data.labels.tolist()):
+                self._by_class.setdefault(self._data.classes[y], []).append(f"{spec}#{i}")
+
+    def _init_folder(self, root):
+        import concurrent.futures
+        import pathlib
+
+        from ..data.folder import list_labelled_files
+        self.root = pathlib.Path(root)
+        _, classes, paths, labels = list_labelled_files(self.root)
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            ok = list(pool.map(_readable, paths))
+        for path, y, good in zip(paths, labels, ok):
+            ref = path.relative_to(self.root).as_posix()
+            if good:
+                self._by_class.setdefault(classes[y], []).append(ref)
+            else:
+                self.skipped.append(ref)
+
+    def refs(self, class_name):
+        return self._by_class.get(class_name, [])
+
+    def load(self, ref):
+        """The source image as a PIL RGB image."""
+        from PIL import Image
+        if "#" in ref and not hasattr(self, "root"):
+            img = self._data.images[int(ref.rsplit("#", 1)[1])]
+            arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
+            return Image.fromarray(arr).convert("RGB")
+        with Image.open(self.root / ref) as im:
+            return im.convert("RGB")
+
+
+def _readable(path):
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read the header makes the source unusable
+        return False
 
 
 def create_strategy(name):
