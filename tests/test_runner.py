@@ -226,3 +226,43 @@ def test_digits_ddpm_runs_the_source_and_class_strategies(tmp_path, tiny_generat
         img = runner.regenerate(tiny_generator, out, row["file_name"], source="digits-mnist/test")
         from genrobust.data.folder import encode_png
         assert encode_png(img) == (out / row["file_name"]).read_bytes()
+
+
+# --- the CLIP-score filter ----------------------------------------------------------------------------
+
+class FakeScorer:
+    model_name = "fake-clip"
+
+    def score(self, images, texts):
+        return [float(sum(im.getpixel((0, 0)))) / 7.65 for im in images]  # 0..100 from the first pixel
+
+
+def test_clip_threshold_retries_and_top_k_keeps_the_best(tmp_path):
+    from genrobust.generate.runner import ClipFilter
+
+    out = tmp_path / "g"
+    clip = ClipFilter(FakeScorer(), threshold=30.0, top_k=3)
+    card = runner.generate(FakeGenerator(), "label", ["a", "b"], out, per_class=5, seed=0, progress=False,
+                           clip=clip, max_attempts=6)
+    shard = [json.loads(line) for line in (out / "shards" / "rank0.jsonl").read_text().splitlines()]
+    kept = [r for r in shard if r["file_name"]]
+    assert all(r["scores"]["clip"] >= 30 for r in kept)
+    assert all(a["reason"] == "clip<30" for r in shard for a in r["attempts"])
+    rows = read_jsonl(out / "metadata.jsonl")
+    for cls in ("a", "b"):
+        mine = sorted((r["scores"]["clip"] for r in kept if r["class_name"] == cls), reverse=True)
+        assert sorted((r["scores"]["clip"] for r in rows if r["class_name"] == cls), reverse=True) == mine[:3]
+    assert card["clip_filter"] == {"model": "fake-clip", "threshold": 30.0, "top_k": 3}
+    assert sum(card["quality_control"]["clip_top_k_left_out"].values()) == len(kept) - len(rows)
+
+
+def test_clip_scorer_on_a_tiny_clip(tmp_path):
+    from tiny_models import tiny_clip
+
+    from genrobust.generate.filters import ClipScorer
+    from genrobust.generate.runner import ClipFilter
+
+    clip = ClipFilter(ClipScorer(str(tiny_clip(tmp_path / "clip"))))
+    scores = clip.score([torch.zeros(1, 8, 8, dtype=torch.uint8), torch.full((3, 8, 8), 200, dtype=torch.uint8)],
+                        ["cat", "dog"])
+    assert len(scores) == 2 and all(-100 <= s <= 100 for s in scores)

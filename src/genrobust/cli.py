@@ -88,6 +88,18 @@ def _captioner(args):
     return create_captioner(args.captioner, model=args.captioner_model, device=_device(args.device))
 
 
+def _clip_filter(args):
+    if args.clip_model is None:
+        if args.clip_threshold is not None or args.clip_top_k is not None:
+            raise ValueError("--clip-threshold and --clip-top-k need --clip-model (a local CLIP folder or cached "
+                             "hub id)")
+        return None
+    from .generate.filters import ClipScorer
+    from .generate.runner import ClipFilter
+    return ClipFilter(ClipScorer(args.clip_model, device=_device(args.device)), args.clip_threshold,
+                      args.clip_top_k)
+
+
 def _shard(text):
     if text is None:
         return None
@@ -108,7 +120,7 @@ def cmd_generate(args):
         raise ValueError(f"{args.generator} takes any class names: pass --classes a,b,c")
     card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed,
                     per_image=args.per_image, source=args.source, captioner=_captioner(args),
-                    shard=_shard(args.shard), max_attempts=args.max_attempts)
+                    shard=_shard(args.shard), max_attempts=args.max_attempts, clip=_clip_filter(args))
     # written after the run is accepted: a refused rerun must not overwrite the folder's config
     write_config(args.out, {"command": "generate", **{k: v for k, v in vars(args).items()
                                                       if k not in ("func", "argv")}})
@@ -436,6 +448,12 @@ def build_parser():
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--dtype", default=None, help="auto (float16 on CUDA), float16, bfloat16, float32")
     g.add_argument("--compile", action="store_true", help="torch.compile the denoiser (CUDA)")
+    g.add_argument("--clip-model", default=None,
+                   help="score every image with this CLIP model (local folder or cached hub id); recorded")
+    g.add_argument("--clip-threshold", type=float, default=None,
+                   help="retry images whose CLIP score is below this (like blank ones)")
+    g.add_argument("--clip-top-k", type=int, default=None,
+                   help="keep the k best-scoring images per class in the manifest")
     g.add_argument("--captioner", default="blip", help="captioner for the captions strategy")
     g.add_argument("--captioner-model", default=None, help="local BLIP folder or cached hub id")
     _add_device(g)

@@ -94,7 +94,7 @@ def _row(req, gen_info, strategy, file_name, sha, attempts, batch_id, batch_pos)
 def _write_batch(out, shard, items, gen_info, strategy):
     """Write kept images atomically, then append their rows (and rejected requests' rows) to the shard."""
     rows = []
-    for req, img, attempts, batch_id, pos in items:
+    for req, img, attempts, batch_id, pos, score in items:
         if img is None:  # every attempt failed quality control: recorded, never kept as data
             rows.append(_row(req, gen_info, strategy, None, None, attempts, batch_id, pos))
             continue
@@ -103,6 +103,8 @@ def _write_batch(out, shard, items, gen_info, strategy):
         atomic_write_bytes(out / file_name, png)
         rows.append(_row(req, gen_info, strategy, file_name, hashlib.sha256(png).hexdigest(), attempts,
                          batch_id, pos))
+        if score is not None:
+            rows[-1]["scores"] = {"clip": round(score, 4)}
     with open(shard, "a") as f:  # rows go in only once their PNGs are in place
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return sum(1 for r in rows)
@@ -131,7 +133,7 @@ class _Job:
 
 
 def generate(generator, strategy, classes, out, per_class=None, seed=0, progress=True, per_image=None,
-             source=None, captioner=None, shard=None, max_attempts=3):
+             source=None, captioner=None, shard=None, max_attempts=3, clip=None):
     """Generate a class-labelled dataset folder with `generator` under `strategy`.
 
     Args:
@@ -141,6 +143,9 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
         captioner: a captioner object (`captions`), see generate.captioners.
         shard: `(i, n)` to run the i-th of n slices (job arrays); default: RANK/WORLD_SIZE or one process.
         max_attempts: tries per request before a flagged or blank image's request is given up (recorded).
+        clip: optional `ClipFilter`: every kept image's CLIP score against "a photo of a {class}." is
+            recorded; under `threshold` an image is retried like a blank one; `top_k` keeps the best k per
+            class in the manifest (the rest stay on disk, left out and counted in the card).
     Resumes a killed run with the same settings. Returns the dataset card, or None when other shards have
     not finished yet (the last one to finish merges).
     """
@@ -163,8 +168,11 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
     requests = make_requests(classes, per_class, seed, generator.prompts, sources=sources, per_image=per_image)
     rank, world = _shard_of(shard)
     cap_name = getattr(captioner, "name", None)
-    _check_identity(out, _run_identity(strategy, generator, classes, per_class, seed, per_image, source,
-                                       cap_name, max_attempts))
+    identity = _run_identity(strategy, generator, classes, per_class, seed, per_image, source, cap_name,
+                             max_attempts)
+    if clip is not None:
+        identity["clip"] = clip.config()
+    _check_identity(out, identity)
     _write_plan(out, requests, sources)
     if strategy == "captions":
         requests = _with_captions(out, requests, sources, captioner, rank)
@@ -174,7 +182,7 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
     mine = requests[rank::world]
     if done:
         logger.info("%s: resuming, %d of %d requests already done", out, len(done), len(requests))
-    _run(generator, strategy, mine, set(done), out, own, sources, seed, max_attempts, progress)
+    _run(generator, strategy, mine, set(done), out, own, sources, seed, max_attempts, progress, clip)
     if world > 1 and shard is None and _distributed_barrier():
         if rank != 0:
             return None
@@ -185,7 +193,7 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
     return card
 
 
-def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempts, progress):
+def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempts, progress, clip=None):
     """Generate this process's requests in fixed batches; the writer thread encodes and saves meanwhile.
 
     Batches are fixed slices of the plan, and a batch with anything left to do is generated whole (only its
@@ -208,7 +216,7 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
                 queue = [retries[i:i + bs] for i in range(0, len(retries), bs)]
                 retries = []
             jobs = queue.pop(0)
-            items, again = _generate_batch(generator, jobs, done, sources, seed, max_attempts)
+            items, again = _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip)
             retries += again
             given_up += sum(1 for it in items if it[1] is None)
             if pending is not None:
@@ -222,7 +230,7 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
                        max_attempts)
 
 
-def _generate_batch(generator, jobs, done, sources, seed, max_attempts):
+def _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip=None):
     """(items to write, jobs to retry) for one batch; requests already done are generated, not written."""
     from .filters import is_blank
 
@@ -230,12 +238,16 @@ def _generate_batch(generator, jobs, done, sources, seed, max_attempts):
     srcs = None if sources is None else [sources.load(r.source_image) for r in batch]
     images, flags = generator.generate(batch, srcs)
     items, again, batch_id = [], [], _batch_id(batch)
-    for pos, (job, img, flag) in enumerate(zip(jobs, images, flags)):
-        if not job.attempts and job.req.key in done:
-            continue
+    todo = [i for i, j in enumerate(jobs) if j.attempts or j.req.key not in done]
+    scores = dict(zip(todo, clip.score([images[i] for i in todo], [batch[i].class_name for i in todo])
+                      if clip is not None else [None] * len(todo)))
+    for pos in todo:
+        job, img, flag = jobs[pos], images[pos], flags[pos]
         reason = flag or ("blank" if is_blank(img) else None)
+        if reason is None and clip is not None and clip.threshold is not None and scores[pos] < clip.threshold:
+            reason = f"clip<{clip.threshold:g}"
         if reason is None:
-            items.append((job.req, img, list(job.attempts), batch_id, pos))
+            items.append((job.req, img, list(job.attempts), batch_id, pos, scores[pos]))
             continue
         attempts = job.attempts + ({"seed": job.req.seed, "reason": reason},)
         if len(attempts) < max_attempts:
@@ -243,7 +255,7 @@ def _generate_batch(generator, jobs, done, sources, seed, max_attempts):
             again.append(_Job(dataclasses.replace(req, seed=derive_seed(seed, req.class_id, req.index,
                                                                         len(attempts))), attempts))
         else:
-            items.append((job.req, None, list(attempts), batch_id, pos))
+            items.append((job.req, None, list(attempts), batch_id, pos, None))
     return items, again
 
 
@@ -338,6 +350,7 @@ def merge(out, gen_info=None, required=True):
             rejected[row["class_name"]] = rejected.get(row["class_name"], 0) + 1
         else:
             rows.append(row)
+    rows, dropped = _top_k(rows, (identity.get("clip") or {}).get("top_k"))
     write_jsonl(out / "metadata.jsonl", rows)
     counts = {}
     for r in rows:
@@ -351,8 +364,12 @@ def merge(out, gen_info=None, required=True):
         "classes": list(identity["classes"]), "num_images": len(rows), "counts": counts,
         "metadata_sha256": hashlib.sha256((out / "metadata.jsonl").read_bytes()).hexdigest(),
     }
-    if rejected or reasons:
+    if rejected or reasons or dropped:
         card["quality_control"] = {"failed_attempts": reasons, "given_up": rejected}
+        if dropped:
+            card["quality_control"]["clip_top_k_left_out"] = dropped
+    if "clip" in identity:
+        card["clip_filter"] = identity["clip"]
     for key in ("source", "per_image", "captioner"):
         if key in identity:
             card[key] = identity[key]
@@ -360,6 +377,43 @@ def merge(out, gen_info=None, required=True):
         card["skipped_sources"] = plan["skipped_sources"]
     atomic_write_text(out / "dataset_card.json", json.dumps(card, indent=2))
     return card
+
+
+def _top_k(rows, k):
+    """The k best-scoring rows of each class (plan order kept), and how many each class left out."""
+    if not k:
+        return rows, {}
+    from .filters import select
+    by_class = {}
+    for i, r in enumerate(rows):
+        by_class.setdefault(r["class_name"], []).append(i)
+    keep, dropped = set(), {}
+    for cls, idx in by_class.items():
+        kept = select({cls: [rows[i]["scores"]["clip"] for i in idx]}, top_k=k)[cls]
+        keep |= {idx[j] for j in kept}
+        if len(idx) > len(kept):
+            dropped[cls] = len(idx) - len(kept)
+    return [r for i, r in enumerate(rows) if i in keep], dropped
+
+
+@dataclasses.dataclass
+class ClipFilter:
+    """CLIP scores of generated images against their class ("a photo of a {class}."), as a filter."""
+
+    scorer: object  # filters.ClipScorer
+    threshold: float = None
+    top_k: int = None
+
+    def score(self, images, class_names):
+        import torch
+        from PIL import Image
+        pil = [Image.fromarray((img.expand(3, -1, -1) if img.shape[0] == 1 else img).permute(1, 2, 0)
+                               .to(torch.uint8).cpu().numpy()) for img in images]
+        return self.scorer.score(pil, [f"a photo of a {c}." for c in class_names])
+
+    def config(self):
+        return {"model": getattr(self.scorer, "model_name", None), "threshold": self.threshold,
+                "top_k": self.top_k}
 
 
 def regenerate(generator, out, file_name, source=None):
