@@ -266,3 +266,27 @@ def test_clip_scorer_on_a_tiny_clip(tmp_path):
     scores = clip.score([torch.zeros(1, 8, 8, dtype=torch.uint8), torch.full((3, 8, 8), 200, dtype=torch.uint8)],
                         ["cat", "dog"])
     assert len(scores) == 2 and all(-100 <= s <= 100 for s in scores)
+
+
+def test_safety_checker_flags_are_regenerated_never_kept(tmp_path):
+    """A tiny Stable Diffusion whose (fake) safety checker flags position 1 of every batch."""
+    from tiny_models import attach_safety_checker, tiny_sd
+
+    from genrobust.data.folder import encode_png
+    from genrobust.generate import create_generator
+
+    gen = create_generator("text2img", model=str(tiny_sd(tmp_path / "sd")), steps=2, batch_size=4,
+                           height=32, width=32)
+    checker = attach_safety_checker(gen.pipe, indices=[1])
+    out = tmp_path / "g"
+    card = runner.generate(gen, "label", ["cat", "dog"], out, per_class=4, seed=0, progress=False)
+    rows = read_jsonl(out / "metadata.jsonl")
+    # two fixed batches; their two flagged requests retried together, where position 1 is flagged again
+    assert card["num_images"] == 8 and checker.calls == [4, 4, 2, 1]
+    flagged = [r for r in rows if r["attempts"]]
+    assert sorted(len(r["attempts"]) for r in flagged) == [1, 2]
+    assert all(a["reason"] == "nsfw" for r in flagged for a in r["attempts"])
+    assert card["quality_control"]["failed_attempts"] == {"nsfw": 3}
+    checker.indices = set()
+    for r in rows:  # nothing black was kept, and every image comes back from its manifest row
+        assert encode_png(runner.regenerate(gen, out, r["file_name"])) == (out / r["file_name"]).read_bytes()
