@@ -100,6 +100,17 @@ def _clip_filter(args):
                       args.clip_top_k)
 
 
+def _source_classes(spec):
+    """The class list of a source dataset spec (for source strategies without --classes)."""
+    if not spec:
+        return None
+    if spec.startswith("imagefolder:"):
+        from .data.folder import folder_classes
+        return folder_classes(spec.split(":", 1)[1])
+    from .data import load_dataset
+    return list(load_dataset(spec).classes)
+
+
 def _shard(text):
     if text is None:
         return None
@@ -114,13 +125,21 @@ def cmd_generate(args):
     from .study import write_config
     if args.per_class is None and args.per_image is None:
         args.per_class = 100
+    # everything that needs no model is checked before loading one (a Stable Diffusion load takes minutes)
+    from .generate import GENERATORS, create_strategy
+    create_strategy(args.strategy)
+    supported = getattr(GENERATORS.get(args.generator), "strategies", None)
+    if supported is not None and args.strategy not in supported:
+        raise ValueError(f"generator {args.generator!r} cannot run strategy {args.strategy!r}; it supports "
+                         f"{list(supported)}")
+    shard = _shard(args.shard)
     generator = create_generator(args.generator, **_generator_kwargs(args))
-    classes = args.classes.split(",") if args.classes else generator.classes()
+    classes = args.classes.split(",") if args.classes else _source_classes(args.source) or generator.classes()
     if classes is None:
         raise ValueError(f"{args.generator} takes any class names: pass --classes a,b,c")
     card = generate(generator, args.strategy, classes, args.out, args.per_class, seed=args.seed,
                     per_image=args.per_image, source=args.source, captioner=_captioner(args),
-                    shard=_shard(args.shard), max_attempts=args.max_attempts, clip=_clip_filter(args))
+                    shard=shard, max_attempts=args.max_attempts, clip=_clip_filter(args))
     # written after the run is accepted: a refused rerun must not overwrite the folder's config
     write_config(args.out, {"command": "generate", **{k: v for k, v in vars(args).items()
                                                       if k not in ("func", "argv")}})
@@ -607,8 +626,10 @@ def main(argv=None):
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parse = argv
-    if argv[:2] == ["generate", "merge"]:  # `generate` takes options, so its `merge` action is routed here
-        parse = ["generate-merge", *argv[2:]]
+    if "generate" in argv:  # `generate` takes options, so its `merge` action is routed to `generate-merge`
+        i = argv.index("generate")
+        if argv[i + 1:i + 2] == ["merge"]:
+            parse = [*argv[:i], "generate-merge", *argv[i + 2:]]
     args = build_parser().parse_args(parse)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

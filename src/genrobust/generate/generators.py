@@ -103,9 +103,8 @@ def _gray28(image):
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())[None]
 
 
-@GENERATORS.register("digits-ddpm", description="embedded class- and style-conditional DDPM (28x28 digits)")
-def _digits_ddpm(**kwargs):
-    return DigitsDDPM(**kwargs)
+GENERATORS.register("digits-ddpm", description="embedded class- and style-conditional DDPM (28x28 digits)")(
+    DigitsDDPM)
 
 
 def create_generator(name, **kwargs):

@@ -118,7 +118,9 @@ def _shard_of(shard):
     """(rank, world): an explicit `(i, n)`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
     if shard is not None:
         i, n = shard
-        if not (n >= 1 and 0 <= i < n):
+        if n < 1:
+            raise ValueError(f"--shard {i}/{n}: the number of shards must be at least 1")
+        if not 0 <= i < n:
             raise ValueError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
         return i, n
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -167,7 +169,7 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
                        sources.skipped[0])
     requests = make_requests(classes, per_class, seed, generator.prompts, sources=sources, per_image=per_image)
     rank, world = _shard_of(shard)
-    cap_name = getattr(captioner, "name", None)
+    cap_name = captioner.config() if hasattr(captioner, "config") else getattr(captioner, "name", None)
     identity = _run_identity(strategy, generator, classes, per_class, seed, per_image, source, cap_name,
                              max_attempts)
     if clip is not None:
@@ -352,6 +354,9 @@ def merge(out, gen_info=None, required=True):
             rows.append(row)
     rows, dropped = _top_k(rows, (identity.get("clip") or {}).get("top_k"))
     write_jsonl(out / "metadata.jsonl", rows)
+    # every writer is done: temp files of writes cut by a kill are removed
+    for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:
+        tmp.unlink(missing_ok=True)
     counts = {}
     for r in rows:
         counts[r["class_name"]] = counts.get(r["class_name"], 0) + 1
