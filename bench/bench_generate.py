@@ -61,7 +61,7 @@ def main():
         sd = create_generator("text2img", model=str(tiny_sd(pathlib.Path(d) / "sd")), steps=10, batch_size=8,
                               height=64, width=64)
         measure("tiny Stable Diffusion (64 px, 10 steps)", sd, ["cat", "dog", "car", "tree"],
-                max(1, args.per_class // 4), args.repeats)
+                args.per_class, args.repeats)
 
 
 if __name__ == "__main__":
