@@ -50,7 +50,8 @@ def test_label_strategy():
     assert [r.seed for r in reqs] == [derive_seed(5, r.class_id, r.index) for r in reqs]
     assert reqs[4].key == "1:1"
     assert reqs[0].to_dict() == {"class_id": 0, "class_name": "cat", "index": 0, "seed": derive_seed(5, 0, 0),
-                                 "prompt": "a photo of a cat.", "style": None, "source_image": None}
+                                 "prompt": "a photo of a cat.", "style": None, "source_image": None,
+                                 "caption": None}
 
 
 def test_templates_strategy_chooses_by_seed():

@@ -225,9 +225,9 @@ def masked_predictions(logits, mask):
 
 def score(logits, labels, plan):
     """(correct count, n) over images whose eval class the plan keeps; labels are eval class indices."""
-    pos = torch.full((int(labels.max()) + 1 if len(labels) else 1,), -1, dtype=torch.long)
-    keep = torch.tensor(plan.keep)
-    pos[keep[keep < len(pos)]] = torch.arange(len(keep))[keep < len(pos)]
+    size = max(int(labels.max()) if len(labels) else 0, max(plan.keep)) + 1
+    pos = torch.full((size,), -1, dtype=torch.long)  # eval class -> row of plan.hits, -1: not scored
+    pos[torch.tensor(plan.keep)] = torch.arange(len(plan.keep))
     lab = pos[labels]
     sel = lab >= 0
     pred = masked_predictions(logits[sel], plan.mask)

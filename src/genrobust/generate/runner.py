@@ -84,7 +84,7 @@ def _row(req, gen_info, strategy, file_name, sha, attempts, batch_id, batch_pos)
     row = dict.fromkeys(MANIFEST_FIELDS)
     row.update(gen_info)
     row.update(file_name=file_name, label=req.class_id, class_id=req.class_id, class_name=req.class_name,
-               strategy=strategy, prompt=req.prompt, caption=getattr(req, "caption", None),
+               strategy=strategy, prompt=req.prompt, caption=req.caption,
                source_image=req.source_image, seed=req.seed, sha256=sha, flagged=None, scores={},
                attempts=attempts, batch_id=batch_id, batch_pos=batch_pos)
     row["_key"] = req.key
@@ -296,20 +296,8 @@ def _with_captions(out, requests, sources, captioner, rank):
             with open(own, "a") as f:
                 f.write("".join(json.dumps({"source_image": r, "caption": c}) + "\n" for r, c in zip(refs, caps)))
             cache.update(zip(refs, caps))
-    return [_Captioned(**dataclasses.asdict(r) | {"prompt": class_prompt(cache[r.source_image], r.class_name)},
-                       caption=cache[r.source_image]) for r in requests]
-
-
-def _captioned_type():
-    from .strategies import Request
-
-    @dataclasses.dataclass(frozen=True)
-    class Captioned(Request):
-        caption: str = None
-    return Captioned
-
-
-_Captioned = _captioned_type()
+    return [dataclasses.replace(r, prompt=class_prompt(cache[r.source_image], r.class_name),
+                                caption=cache[r.source_image]) for r in requests]
 
 
 def _distributed_barrier():

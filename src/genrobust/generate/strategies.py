@@ -27,6 +27,7 @@ class Request:
     prompt: str = None
     style: str = None
     source_image: str = None
+    caption: str = None  # the source image's caption (captions strategy), filled in by the runner
 
     @property
     def key(self):
@@ -130,6 +131,7 @@ class Sources:
 
     def __init__(self, spec):
         self.spec = spec
+        self.root = None  # the folder of an imagefolder: set; None for a registered (in-memory) set
         self.skipped = []
         self._by_class = {}
         if spec.startswith("imagefolder:"):
@@ -162,7 +164,7 @@ class Sources:
     def load(self, ref):
         """The source image as a PIL RGB image."""
         from PIL import Image
-        if "#" in ref and not hasattr(self, "root"):
+        if self.root is None:
             img = self._data.images[int(ref.rsplit("#", 1)[1])]
             arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
             return Image.fromarray(arr).convert("RGB")
