@@ -362,6 +362,20 @@ def cmd_quickstart(args):
     print(f"results: {out / 'results.jsonl'}\nreport:  {out / 'report.md'} and {out / 'report.html'}")
 
 
+def cmd_study(args):
+    from .study import load_study, run_study
+    cfg = load_study(args.config)
+    done = run_study(cfg, args.out, cells=args.cells, dry_run=args.dry_run, device=_device(args.device),
+                     progress=not args.quiet)
+    if args.dry_run:
+        return
+    print(f"{len(done['ran'])} cells run" + (f", {len(done['skipped'])} waiting on another --cells slice"
+                                             if done["skipped"] else ""))
+    if done["report"]:
+        out = pathlib.Path(args.out)
+        print(f"results: {out / 'results.jsonl'}\nreport:  {out / 'report.md'} and {out / 'report.html'}")
+
+
 def cmd_baselines_train(args):
     from .baselines import train_zoo
     summary = train_zoo(args.suite, args.out, device=_device(args.device), seed=args.seed,
@@ -618,6 +632,21 @@ def build_parser():
     _add_sampling(q)
     _add_device(q)
     q.set_defaults(func=cmd_quickstart)
+
+    st = sub.add_parser("study", formatter_class=_FMT,
+                        help="run a study grid (strategies x amounts x augmentations x seeds), cached per cell",
+                        description="Run the cells of a study config (configs/studies/digits-study.yaml) "
+                                    "that are not cached yet, then evaluate and write the report. A killed study resumes; "
+                                    "an added cell runs alone.")
+    st.add_argument("config", help="study config (YAML)")
+    st.add_argument("--out", required=True, help="study folder (generated/, models/, results.jsonl, report)")
+    st.add_argument("--dry-run", action="store_true",
+                    help="print the plan (each cell cached or to run, a time estimate) and run nothing")
+    st.add_argument("--cells", default=None, metavar="I/N",
+                    help="run only cells whose index %% N == I (machines sharing one --out folder)")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_device(st)
+    st.set_defaults(func=cmd_study)
     return p
 
 
