@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .data.folder import atomic_write_text
+from .robustness import near_chance
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _summarise(members, rows, out):
                and r.get("class_subset") == "all"]
         acc = ids[0]["value"] if ids else None
         k = ids[0].get("num_classes") if ids else None
-        on_line = acc is not None and k is not None and acc >= 1.5 / k
+        on_line = acc is not None and k is not None and not near_chance(acc, k)
         summary.append({**asdict(m), "id_accuracy": acc, "on_line": on_line,
                         "note": "" if on_line else "near chance: left out of the line"})
         if not on_line:

@@ -307,16 +307,20 @@ def cmd_evaluate(args):
             print(f"{ck}: already scored on every set in {results} (use --force to redo)")
 
 
+def _read_results_files(paths):
+    """Every row of the results files, each checked before any is read: one clear error, nothing half done."""
+    from .evaluate import read_results
+    for path in paths:
+        if not pathlib.Path(path).is_file():
+            raise FileNotFoundError(f"no results file {path}; `genrobust evaluate` writes one")
+    return [r for path in paths for r in read_results(path)]
+
+
 def cmd_robustness(args):
     from .data.folder import write_jsonl
     from .evaluate import check_rows, read_results
     from .robustness import er_rows, load_baseline
-    rows = []
-    for path in args.results:
-        if not pathlib.Path(path).exists():
-            raise FileNotFoundError(f"no results file {path}; `genrobust evaluate` writes one")
-        rows += read_results(path)
-    rows, warnings = check_rows(rows)
+    rows, warnings = check_rows(_read_results_files(args.results))
     baseline = load_baseline(args.baseline)
     er, _, more = er_rows(rows, baseline, n_boot=args.bootstrap, seed=args.seed, reference=args.reference)
     for w in warnings + more:
@@ -336,12 +340,8 @@ def cmd_robustness(args):
 
 
 def cmd_report(args):
-    from .evaluate import read_results
     from .report import generated_from_checkpoints, write_report
-    for path in args.results:  # all checked before any is read: one clear error, no half report
-        if not pathlib.Path(path).is_file():
-            raise FileNotFoundError(f"no results file {path}; `genrobust evaluate` writes one")
-    rows = [r for path in args.results for r in read_results(path)]
+    rows = _read_results_files(args.results)
     # The checkpoints' own generated folders get sample grids too; relative paths may be relative to the
     # folder a results file sits in rather than to the current one.
     found = generated_from_checkpoints(rows, search=[pathlib.Path(p).parent for p in args.results])

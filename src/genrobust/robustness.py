@@ -100,6 +100,11 @@ TESTBED_NUM_CLASSES = {"imagenet-v2": 1000, "imagenet-sketch": 1000, "imagenet-r
 TESTBED_TYPES = ("Standard training",)
 
 
+def near_chance(accuracy, num_classes):
+    """Within 1.5x of chance: such a model says nothing about the line, so it is left out of it."""
+    return accuracy < 1.5 / num_classes
+
+
 @dataclass(frozen=True)
 class BaselinePoint:
     """One baseline model on one shift: x = ID accuracy on the shift's class subset, y = shift accuracy."""
@@ -133,7 +138,7 @@ def load_baseline(spec, model_types=TESTBED_TYPES):
     rows, warnings = check_rows(read_results(path))
     points = {}
     for row, x in paired_rows(rows):
-        if row.get("num_classes") and x < 1.5 / row["num_classes"]:
+        if row.get("num_classes") and near_chance(x, row["num_classes"]):
             warnings.append(f"baseline {row['model']} is near chance in distribution ({100 * x:.1f}%); "
                             f"left out of the {row['eval_set']} line")
             continue

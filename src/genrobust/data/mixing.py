@@ -101,6 +101,13 @@ def _draw(labels, need, generator):
 
 # --- the three modes ---------------------------------------------------------------------------------
 
+def _real_only(real, amount, flag):
+    """The real set alone, when no generated image is asked for; an amount without folders is an error."""
+    if amount > 0:
+        raise ValueError(f"{flag} {amount} needs generated data; pass --generated FOLDER")
+    return real, {"real": real.counts(), "generated": dict.fromkeys(real.classes, 0)}
+
+
 def mix_add(real, generated, ratio, seed=0):
     """Real images plus round(ratio * |real|) generated ones, class-balanced, drawn without replacement.
 
@@ -114,9 +121,7 @@ def mix_add(real, generated, ratio, seed=0):
         raise ValueError(f"--ratio must be >= 0 (k x |real| generated images are added), got {ratio}")
     real = _with_origin(real, "real")
     if ratio == 0 or generated is None:
-        if ratio > 0:
-            raise ValueError(f"--ratio {ratio} needs generated data; pass --generated FOLDER")
-        return real, {"real": real.counts(), "generated": dict.fromkeys(real.classes, 0)}
+        return _real_only(real, ratio, "--ratio")
     generated = _align(generated, real.classes)
     g = torch.Generator().manual_seed(seed)
     need = balanced_counts(round(ratio * len(real)), len(real.classes), g)
@@ -138,9 +143,7 @@ def mix_replace(real, generated, fraction, seed=0):
         raise ValueError(f"--fraction must be in [0, 1] (the generated share of |real| images), got {fraction}")
     real = _with_origin(real, "real")
     if fraction == 0 or generated is None:
-        if fraction > 0:
-            raise ValueError(f"--fraction {fraction} needs generated data; pass --generated FOLDER")
-        return real, {"real": real.counts(), "generated": dict.fromkeys(real.classes, 0)}
+        return _real_only(real, fraction, "--fraction")
     generated = _align(generated, real.classes)
     g = torch.Generator().manual_seed(seed)
     sizes = torch.bincount(real.labels, minlength=len(real.classes)).tolist()
