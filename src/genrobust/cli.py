@@ -9,6 +9,8 @@ import pathlib
 import shlex
 import sys
 
+from . import cli_finetune, cli_testset
+
 logger = logging.getLogger("genrobust")
 
 
@@ -363,10 +365,13 @@ def cmd_quickstart(args):
 
 
 def cmd_study(args):
-    from .study import load_study, run_study
+    from .study import load_study, run_one_cell, run_study
     cfg = load_study(args.config)
+    if args.cell_index is not None:  # a child process of a study run: one cell, nothing else
+        run_one_cell(cfg, args.out, args.cell_index, device=_device(args.device), progress=not args.quiet)
+        return
     done = run_study(cfg, args.out, cells=args.cells, dry_run=args.dry_run, device=_device(args.device),
-                     progress=not args.quiet)
+                     progress=not args.quiet, jobs=args.jobs)
     if args.dry_run:
         return
     print(f"{len(done['ran'])} cells run" + (f", {len(done['skipped'])} waiting on another --cells slice"
@@ -454,6 +459,7 @@ def build_parser():
     gt.add_argument("--save-every", type=int, default=500)
     _add_device(gt)
     gt.set_defaults(func=cmd_generator_train)
+    cli_finetune.add_finetune_parser(gsub, _FMT, _add_device)
 
     g = sub.add_parser("generate", formatter_class=_FMT,
                        help="generate a class-labelled dataset folder with a generator")
@@ -496,6 +502,7 @@ def build_parser():
                         help="merge a sharded generation's shards (also: `genrobust generate merge OUT`)")
     gm.add_argument("out", help="the generation folder")
     gm.set_defaults(func=cmd_generate_merge)
+    cli_finetune.add_stats_parser(sub, _FMT, _add_device)
 
     t = sub.add_parser("train", formatter_class=_FMT,
                        help="train a timm classifier on real, generated, or real+generated data",
@@ -635,7 +642,7 @@ def build_parser():
 
     st = sub.add_parser("study", formatter_class=_FMT,
                         help="run a study grid (strategies x amounts x augmentations x seeds), cached per cell",
-                        description="Run the cells of a study config (configs/studies/digits-study.yaml) "
+                        description="Run the cells of a study config (configs/digits-study.yaml) "
                                     "that are not cached yet, then evaluate and write the report. A killed study resumes; "
                                     "an added cell runs alone.")
     st.add_argument("config", help="study config (YAML)")
@@ -644,9 +651,14 @@ def build_parser():
                     help="print the plan (each cell cached or to run, a time estimate) and run nothing")
     st.add_argument("--cells", default=None, metavar="I/N",
                     help="run only cells whose index %% N == I (machines sharing one --out folder)")
+    st.add_argument("--jobs", type=int, default=None,
+                    help="cells run at once on this machine, each in its own process sharing the cores "
+                         "(default: the config's `jobs`, 1)")
+    st.add_argument("--cell-index", type=int, default=None, help=argparse.SUPPRESS)
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_device(st)
     st.set_defaults(func=cmd_study)
+    cli_testset.add_testset_parser(sub, _FMT, _add_device)
     return p
 
 
@@ -657,8 +669,8 @@ def main(argv=None):
     parse = argv
     if "generate" in argv:  # `generate` takes options, so its `merge` action is routed to `generate-merge`
         i = argv.index("generate")
-        if argv[i + 1:i + 2] == ["merge"]:
-            parse = [*argv[:i], "generate-merge", *argv[i + 2:]]
+        if argv[i + 1:i + 2] in (["merge"], ["stats"]):
+            parse = [*argv[:i], f"generate-{argv[i + 1]}", *argv[i + 2:]]
     args = build_parser().parse_args(parse)
     args.argv = argv
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -367,7 +367,7 @@ def _memory_batches(images, labels, batch_size):
         yield images[i:i + batch_size], labels[i:i + batch_size]
 
 
-class _Scorer:
+class Scorer:
     """Loads each eval set at most once per checkpoint and keeps its logits for the subsets scored on it."""
 
     def __init__(self, model, cfg, data_root, device, batch_size, workers):
@@ -407,7 +407,7 @@ def _crop_pct(model):
     return timm.data.resolve_model_data_config(model).get("crop_pct", 0.875)
 
 
-def _table_classes(s, data_root):
+def table_classes(s, data_root):
     if s.dataset is not None:
         from .data import load_dataset
         classes = tuple(load_dataset(s.dataset).classes)
@@ -436,19 +436,19 @@ def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_na
     done = {(r.get("checkpoint"), r["eval_set"], _subset_key(r.get("class_subset", "all"))) for r in old}
     model, cfg, model_classes = load_checkpoint(checkpoint, device)
     info = _data_info(checkpoint)
-    scorer = _Scorer(model, cfg, data_root, device, batch_size, workers)
+    scorer = Scorer(model, cfg, data_root, device, batch_size, workers)
     base = {"model": model_name or checkpoint.name, "checkpoint": str(checkpoint),
             "train_data": info.get("label", info.get("name")), "augmentation": cfg.get("augmentation"),
             "seed": cfg.get("seed")}
     rows = []
     for s in sets:
-        classes, targets = _table_classes(s, data_root)
+        classes, targets = table_classes(s, data_root)
         plan = class_plan(s.name, classes, targets, model_classes)
         if plan.dropped:
             logger.warning("%s: %d of its %d classes are not among the checkpoint's and are not scored (e.g. %s)",
                            s.name, len(plan.dropped), len(classes), ", ".join(map(str, plan.dropped[:3])))
         if force or (str(checkpoint), s.name, plan.subset) not in done:
-            rows.append(_row(base, s, plan, *scorer.logits(s)))
+            rows.append(result_row(base, s, plan, *scorer.logits(s)))
         if s.id_set:
             rows += _id_row(base, s, plan, scorer, model_classes, data_root, done, rows, force)
     _append(results, old, rows, force)
@@ -467,13 +467,13 @@ def _id_row(base, s, plan, scorer, model_classes, data_root, done, rows, force):
     except FileNotFoundError as e:
         logger.warning("%s: no in-distribution counterpart, so no effective robustness for it: %s", s.name, e)
         return []
-    classes, targets = _table_classes(ids, data_root)
+    classes, targets = table_classes(ids, data_root)
     id_plan = class_plan(ids.name, classes, targets, model_classes, restrict=plan.mask)
     id_plan = ClassPlan(id_plan.keep, id_plan.mask, id_plan.hits, plan.subset, id_plan.dropped)
-    return [_row(base, ids, id_plan, *logits)]
+    return [result_row(base, ids, id_plan, *logits)]
 
 
-def _row(base, s, plan, logits, labels, missing):
+def result_row(base, s, plan, logits, labels, missing):
     correct, n = score(logits, labels, plan)
     if n == 0:
         raise ValueError(f"{s.name}: none of its images belong to the classes shared with the checkpoint")

@@ -84,11 +84,13 @@ def accuracy_on_the_line(shift, baseline_points, line, models, out=None, baselin
     ax.set_ylabel(f"accuracy on {shift}")
     ax.set_title(f"Accuracy on the line: {shift}", fontsize=11)
     ax.grid(True, color="0.92", lw=0.8)
-    ax.legend(fontsize=7, loc="upper left", frameon=False)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
-    png = buf.getvalue()
+    n_labels = len({label for label, _, _ in models})
+    if n_labels > MAX_ANNOTATED:  # a long legend goes beside the axes, not over the points
+        fig.set_size_inches(5.6 + 2.2 * (1 + n_labels // 30), 4.8)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, ncol=1 + n_labels // 30)
+    else:
+        ax.legend(fontsize=7, loc="upper left", frameon=False)
+    png = _png(fig)
     if out is not None:
         out = pathlib.Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,17 +102,111 @@ def _clip(p):
     return min(max(p, EDGE), 1 - EDGE)
 
 
+MAX_ANNOTATED = 8  # more model names than this beside their points overlap: the legend alone names them
+
+
 def _draw_models(ax, models, lo, hi):
-    """Each model one colour and one legend entry; its name also written beside its first point, on the
-    side away from the nearer edge so it is not cut off."""
+    """Each model one colour and one legend entry; with few models its name is also written beside its first
+    point, on the side away from the nearer edge so it is not cut off."""
     from matplotlib import colormaps
 
-    colours = colormaps["tab10"]
     labels = list(dict.fromkeys(label for label, _, _ in models))
+    colours = colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    markers = "osD^v<>"
     for i, label in enumerate(labels):
-        c = colours(i % 10)
+        c = colours(i % colours.N)
         pts = [(_clip(x), _clip(y)) for m, x, y in models if m == label]
-        ax.scatter(*zip(*pts), s=36, color=c, edgecolor="black", lw=0.5, zorder=3, label=label)
+        ax.scatter(*zip(*pts), s=36, color=c, edgecolor="black", lw=0.5, zorder=3, label=label,
+                   marker=markers[(i // colours.N) % len(markers)])
+        if len(labels) > MAX_ANNOTATED:
+            continue
         right = (_logit(pts[0][0]) - _logit(lo)) / (_logit(hi) - _logit(lo)) > 0.6
         ax.annotate(label, pts[0], xytext=(-6 if right else 6, 6), textcoords="offset points", fontsize=8,
                     color=c, ha="right" if right else "left", fontweight="bold")
+
+
+def _png(fig):
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})  # no version stamp: same input, same bytes
+    return buf.getvalue()
+
+
+def _new_figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def amount_curves(eval_set, series, levels, ylabel="accuracy (%)"):
+    """Accuracy against the amount of added data, one line per strategy; returns PNG bytes.
+
+    Args:
+        series: {label: [(k, mean, std), ...]} with k a number or "generated-only" (drawn apart, unjoined,
+            at the right); std 0 draws no bar.
+        levels: {label: (mean, std)} drawn as horizontal reference lines (real-only augmentations, the
+            step-matched control).
+    Amounts sit at even spacing (0, 0.5, 1, 2, 4 read better evenly than on a linear axis).
+    """
+    from matplotlib import colormaps
+
+    numeric = sorted({k for pts in series.values() for k, _, _ in pts if k != "generated-only"})
+    only = any(k == "generated-only" for pts in series.values() for k, _, _ in pts)
+    pos = {k: i for i, k in enumerate(numeric)}
+    if only:
+        pos["generated-only"] = len(numeric) + 0.6
+    fig, ax = _new_figure((6.4, 4.4))
+    colours = colormaps["tab10"]
+    for i, (label, pts) in enumerate(series.items()):
+        pts = sorted(pts, key=lambda p: pos[p[0]])
+        joined = [p for p in pts if p[0] != "generated-only"]
+        style = "--" if label == "retrieval" else "-"
+        c = colours(i % 10)
+        if joined:
+            ax.errorbar([pos[k] for k, _, _ in joined], [m for _, m, _ in joined], [s for _, _, s in joined],
+                        fmt=style + "o", color=c, ms=4, lw=1.5, capsize=3, label=label)
+        for k, m, s in pts:
+            if k == "generated-only":
+                ax.errorbar([pos[k]], [m], [s], fmt="s", color=c, ms=5, capsize=3,
+                            label=None if joined else label)
+    for j, (label, (m, s)) in enumerate(levels.items()):
+        ax.axhline(m, color="0.35", lw=1, ls=(0, (1 + j, 2)), label=f"{label} (real only)")
+    ax.set_xticks(list(pos.values()), [("gen.\nonly" if k == "generated-only" else f"{k:g}") for k in pos])
+    ax.set_xlabel("k: generated images added, in multiples of |real|")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel.split(' (')[0].capitalize()} vs amount of generated data: {eval_set}", fontsize=11)
+    ax.grid(True, color="0.92", lw=0.8)
+    ax.legend(fontsize=7, frameon=False, loc="best")
+    return _png(fig)
+
+
+def grouped_bars(title, groups, bars, ylabel, bottom=None):
+    """Bars per group (eval set), one bar per arm with its std as an error bar; returns PNG bytes.
+
+    Args:
+        groups: group names (x positions).
+        bars: {arm label: [(mean, std) or None per group]}.
+        bottom: the y axis's lower end (accuracies differ by points near 100%: a bar from 0 hides that).
+    """
+    from matplotlib import colormaps
+
+    fig, ax = _new_figure((max(6.4, 1.2 + 0.28 * len(bars) * len(groups)), 4.4))
+    colours = colormaps["tab20"]
+    width = 0.8 / max(len(bars), 1)
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [g + (i - (len(bars) - 1) / 2) * width for g, v in enumerate(values) if v is not None]
+        vals = [v for v in values if v is not None]
+        ax.bar(xs, [m for m, _ in vals], width * 0.92, yerr=[s for _, s in vals], color=colours(i % 20),
+               capsize=2, label=label, error_kw={"lw": 0.8})
+    ax.axhline(0, color="0.3", lw=0.8)
+    if bottom is not None:
+        ax.set_ylim(bottom=bottom)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, axis="y", color="0.92", lw=0.8)
+    ax.legend(fontsize=7, frameon=False, ncol=2 if len(bars) > 8 else 1, loc="upper left", bbox_to_anchor=(1, 1))
+    return _png(fig)

@@ -35,6 +35,7 @@ class Figure:
     path: str  # relative to the report folder, POSIX
     png: bytes
     caption: str = ""
+    section: str = "Accuracy on the line"
 
 
 @dataclass
@@ -418,10 +419,14 @@ def _sections(rows, er, warnings, figures, grids, notes, baseline, reference):
     return secs + _figure_sections(figures, grids)
 
 
+SECTION_INTROS = {"Accuracy on the line": "Both axes logit-scaled; each point a model."}
+
+
 def _figure_sections(figures, grids):
     secs = []
-    if figures:
-        secs.append(Section("Accuracy on the line", ["Both axes logit-scaled; each point a model."] + figures))
+    for title in dict.fromkeys(f.section for f in figures):
+        intro = [SECTION_INTROS[title]] if title in SECTION_INTROS else []
+        secs.append(Section(title, intro + [f for f in figures if f.section == title]))
     if grids:
         secs.append(Section("Generated samples (one row per class)", grids))
     return secs
@@ -501,7 +506,7 @@ def _given_grids(grids, out):
 
 
 def write_report(rows, out, baseline=None, generated=(), reference=None, title="genrobust report", notes=(),
-                 grids=(), per_class=8):
+                 grids=(), per_class=8, figure_hook=None):
     """Write `report.md`, `report.html` and `figures/*.png` into the folder `out`; return the paths written.
 
     Args:
@@ -510,6 +515,8 @@ def write_report(rows, out, baseline=None, generated=(), reference=None, title="
         generated: generated folders, one sample grid each (first `per_class` images of each class).
         reference: model name for relative robustness.
         grids: (name, path) sample grids already written (embedded, not redrawn).
+        figure_hook: `hook(rows, er_rows, taken)` -> (figures, warnings), drawn before the accuracy-on-the-line
+            figures (a study's curves and bars); `taken` keeps figure file names unique.
     """
     from .data.folder import atomic_write_bytes, atomic_write_text
 
@@ -518,7 +525,11 @@ def write_report(rows, out, baseline=None, generated=(), reference=None, title="
     er, lines, base, w = _robustness(rows, baseline, reference)
     warnings += w
     taken = set()
-    figures = line_figures(er, lines, base, taken) if base is not None else []
+    figures = []
+    if figure_hook is not None:
+        extra, w = figure_hook(rows, er, taken)
+        figures, warnings = figures + extra, warnings + w
+    figures += line_figures(er, lines, base, taken) if base is not None else []
     samples, w = generated_figures(generated, per_class, taken)
     warnings += w
     sections = _sections(rows, er, list(dict.fromkeys(warnings)), figures, _given_grids(grids, out) + samples,

@@ -209,7 +209,7 @@ def _amp(cfg, device):
     return dtype, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
 
-def _seed(*parts):
+def derived_seed(*parts):
     """A 60-bit seed derived from (run seed, epoch, rank, purpose): independent streams that a resumed run
     re-derives from the epoch alone, on every rank, with nothing to carry over."""
     return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
@@ -222,7 +222,7 @@ def epoch_plan(n, batch_size, seed, epoch, rank=0, world=1):
     ranks see disjoint images and together exactly the one-process epoch. Under DDP a last batch too small to
     give every rank an image is dropped.
     """
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, epoch, "perm")))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(derived_seed(seed, epoch, "perm")))
     plan = []
     for i in range(0, n, batch_size):
         batch = perm[i:i + batch_size]
@@ -456,8 +456,8 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
         bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress or rank != 0,
                    desc=f"train {cfg.model} on {data.name}")
         for epoch in bar:
-            torch.manual_seed(_seed(cfg.seed, epoch, rank, "torch"))  # dropout, drop-path
-            aug_gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, rank, "augment"))
+            torch.manual_seed(derived_seed(cfg.seed, epoch, rank, "torch"))  # dropout, drop-path
+            aug_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, rank, "augment"))
             plan = epoch_plan(len(data), cfg.batch_size, cfg.seed, epoch, rank, world)
             ddp.train()
             sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0  # loss sum, correct; images

@@ -61,6 +61,25 @@ def training_set():
     return data.images, data.labels, styles
 
 
+def styled_set(spec, style="handwritten"):
+    """A dataset spec's 28x28 digits, every image in `style` (fine-tuning data) -> (images, labels, styles)."""
+    from ..data import load_dataset
+
+    if style not in STYLES:
+        raise ValueError(f"unknown digits style {style!r}; choose from {', '.join(STYLES)}")
+    data = load_dataset(spec, channels=1)
+    if tuple(data.images.shape[1:]) != (1, 28, 28):
+        raise ValueError(f"{spec}: digits-ddpm trains on 1 x 28 x 28 digits, got images of shape "
+                         f"{tuple(data.images.shape[1:])}")
+    classes = [str(i) for i in range(NUM_CLASSES)]
+    unknown = [c for c in data.classes if c not in classes]
+    if unknown:
+        raise ValueError(f"{spec}: classes {unknown[:5]} are not digits-ddpm classes {classes}")
+    # by class name, never by folder position: a folder holding only some digits keeps their identities
+    remap = torch.tensor([classes.index(c) for c in data.classes])
+    return data.images, remap[data.labels], torch.full((len(data),), STYLES.index(style))
+
+
 @torch.no_grad()
 def _ema_update(ema, model, decay):
     for pe, pm in zip(ema.parameters(), model.parameters()):
@@ -68,9 +87,16 @@ def _ema_update(ema, model, decay):
 
 
 def train(out, steps=6000, batch_size=128, lr=1e-3, warmup=200, p_uncond=0.1, ema_decay=0.999,
-          seed=0, device="cpu", save_every=1000, command=None, progress=True):
+          seed=0, device="cpu", save_every=1000, command=None, progress=True, init=None, dataset=None,
+          style="handwritten", card=None, sample_grid=True):
     """Train digits-ddpm and write it to `out` (resumable from `out/train_state.pt`).
 
+    Args:
+        init: a digits-ddpm folder to start from (fine-tuning); None starts from random weights.
+        dataset: a dataset spec to train on, every image in `style`; None is the pretraining set
+            (`digits-mnist/pool` handwritten + `digits-fonts/seen` printed).
+        card: extra fields for `card.json` (a fine-tune records its base and data there).
+        sample_grid: write `samples.png` at the end (200 samples: seconds to a minute on a CPU).
     Returns the output folder.
     """
     import copy
@@ -80,9 +106,9 @@ def train(out, steps=6000, batch_size=128, lr=1e-3, warmup=200, p_uncond=0.1, em
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    images, labels, styles = training_set()
+    images, labels, styles = training_set() if dataset is None else styled_set(dataset, style)
     x_all = images.float().div(127.5).sub(1.0)
-    unet = build_unet().to(device)
+    unet = build_unet().to(device) if init is None else load(init, device=device)[0].train()
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) *
@@ -127,12 +153,14 @@ def train(out, steps=6000, batch_size=128, lr=1e-3, warmup=200, p_uncond=0.1, em
             log.append({"step": step + 1, "loss": running, "seconds": time.time() - t0})
             save(ema, out, {"steps_done": step + 1, "steps": steps, "batch_size": batch_size, "lr": lr,
                             "warmup": warmup, "p_uncond": p_uncond, "ema_decay": ema_decay, "seed": seed,
-                            "command": command, "log": log})
+                            "command": command, "log": log},
+                 training_data=None if dataset is None else [f"{dataset} ({style})"], extra=card)
             tmp = state_path.with_suffix(".tmp")
             torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                         "sched": sched.state_dict(), "gen": gen.get_state(), "step": step + 1, "log": log}, tmp)
             tmp.replace(state_path)
-    save_sample_grid(ema, out / "samples.png", seed=seed, device=device)
+    if sample_grid:
+        save_sample_grid(ema, out / "samples.png", seed=seed, device=device)
     return out
 
 
@@ -152,15 +180,19 @@ def save_sample_grid(unet, path, per_class=10, seed=0, steps=20, guidance=2.0, e
     return path
 
 
-def save(unet, out, training):
-    """Write the EMA UNet (safetensors), its scheduler and a card with how it was trained."""
+def save(unet, out, training, training_data=None, extra=None):
+    """Write the EMA UNet (safetensors), its scheduler and a card with how it was trained.
+
+    Args:
+        training_data: what it was trained on (default: the pretraining set); extra: more card fields.
+    """
     out = pathlib.Path(out)
     unet.save_pretrained(out / "unet")
     build_scheduler("ddim").save_pretrained(out / "scheduler")
     card = {"generator": "digits-ddpm", "classes": [str(i) for i in range(NUM_CLASSES)], "styles": list(STYLES),
             "condition_index": "style * 11 + class; class 10 = none, style 2 = none",
-            "training_data": ["digits-mnist/pool (handwritten)", "digits-fonts/seen (printed)"],
-            "training": training}
+            "training_data": training_data or ["digits-mnist/pool (handwritten)", "digits-fonts/seen (printed)"],
+            "training": training, **(extra or {})}
     tmp = out / "card.json.tmp"
     tmp.write_text(json.dumps(card, indent=2))
     tmp.replace(out / "card.json")

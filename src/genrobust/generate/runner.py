@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FIELDS = ("file_name", "label", "class_id", "class_name", "strategy", "prompt", "negative_prompt",
                    "caption", "source_image", "seed", "generator", "revision", "scheduler", "steps",
                    "guidance_scale", "eta", "strength", "height", "width", "dtype", "flagged", "attempts",
-                   "batch_id", "batch_pos", "scores", "sha256")
+                   "batch_id", "batch_pos", "batch_size", "scores", "sha256")
 
 
 def class_dir(name):
@@ -80,13 +80,13 @@ def finished(out):
     return done
 
 
-def _row(req, gen_info, strategy, file_name, sha, attempts, batch_id, batch_pos):
+def _row(req, gen_info, strategy, file_name, sha, attempts, batch):
     row = dict.fromkeys(MANIFEST_FIELDS)
     row.update(gen_info)
     row.update(file_name=file_name, label=req.class_id, class_id=req.class_id, class_name=req.class_name,
                strategy=strategy, prompt=req.prompt, caption=req.caption,
                source_image=req.source_image, seed=req.seed, sha256=sha, flagged=None, scores={},
-               attempts=attempts, batch_id=batch_id, batch_pos=batch_pos)
+               attempts=attempts, batch_id=batch[0], batch_pos=batch[1], batch_size=batch[2])
     row["_key"] = req.key
     return row
 
@@ -94,15 +94,14 @@ def _row(req, gen_info, strategy, file_name, sha, attempts, batch_id, batch_pos)
 def _write_batch(out, shard, items, gen_info, strategy):
     """Write kept images atomically, then append their rows (and rejected requests' rows) to the shard."""
     rows = []
-    for req, img, attempts, batch_id, pos, score in items:
+    for req, img, attempts, batch, score in items:
         if img is None:  # every attempt failed quality control: recorded, never kept as data
-            rows.append(_row(req, gen_info, strategy, None, None, attempts, batch_id, pos))
+            rows.append(_row(req, gen_info, strategy, None, None, attempts, batch))
             continue
         png = encode_png(img)
         file_name = f"{class_dir(req.class_name)}/{req.class_id:04d}_{req.index:06d}.png"
         atomic_write_bytes(out / file_name, png)
-        rows.append(_row(req, gen_info, strategy, file_name, hashlib.sha256(png).hexdigest(), attempts,
-                         batch_id, pos))
+        rows.append(_row(req, gen_info, strategy, file_name, hashlib.sha256(png).hexdigest(), attempts, batch))
         if score is not None:
             rows[-1]["scores"] = {"clip": round(score, 4)}
     with open(shard, "a") as f:  # rows go in only once their PNGs are in place
@@ -249,7 +248,7 @@ def _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip=Non
         if reason is None and clip is not None and clip.threshold is not None and scores[pos] < clip.threshold:
             reason = f"clip<{clip.threshold:g}"
         if reason is None:
-            items.append((job.req, img, list(job.attempts), batch_id, pos, scores[pos]))
+            items.append((job.req, img, list(job.attempts), (batch_id, pos, len(batch)), scores[pos]))
             continue
         attempts = job.attempts + ({"seed": job.req.seed, "reason": reason},)
         if len(attempts) < max_attempts:
@@ -257,7 +256,7 @@ def _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip=Non
             again.append(_Job(dataclasses.replace(req, seed=derive_seed(seed, req.class_id, req.index,
                                                                         len(attempts))), attempts))
         else:
-            items.append((job.req, None, list(attempts), batch_id, pos, None))
+            items.append((job.req, None, list(attempts), (batch_id, pos, len(batch)), None))
     return items, again
 
 
@@ -410,22 +409,30 @@ class ClipFilter:
 
 
 def regenerate(generator, out, file_name, source=None):
-    """Regenerate one image from the manifest: its batch (same requests, same seeds, same positions) is run
-    again and its image returned, so on one device it is identical to the file."""
+    """Regenerate one image from its manifest row alone: its request (class, prompt, source, seed) is run at
+    its recorded position in a batch of its recorded size, the other places holding copies of it.
+
+    No other image is needed: a sample's numbers depend on its own inputs and on the batch's shape (batched
+    kernels round differently for other shapes, moving a pixel by one grey level now and then), not on what
+    the other samples are. On the same device and software the result is the file's image, bit for bit.
+    """
     from .strategies import Request
 
     rows = read_manifest(out)
     row = next((r for r in rows if r["file_name"] == file_name), None)
     if row is None:
         raise ValueError(f"{file_name} is not in {out}/metadata.jsonl")
-    mates = sorted((r for r in rows if r.get("batch_id") == row["batch_id"]), key=lambda r: r["batch_pos"])
-    index = lambda r: int(r["file_name"].rsplit("_", 1)[1].split(".")[0])  # noqa: E731
-    batch = [Request(r["class_id"], r["class_name"], index(r), r["seed"], r["prompt"],
-                     source_image=r["source_image"]) for r in mates]
-    sources = Sources(source) if source else None
-    srcs = None if sources is None else [sources.load(r.source_image) for r in batch]
-    images, _ = generator.generate(batch, srcs)
-    return images[[r["file_name"] for r in mates].index(file_name)]
+    size = row.get("batch_size") or sum(1 for r in rows if r.get("batch_id") == row["batch_id"])
+    index = int(row["file_name"].rsplit("_", 1)[1].split(".")[0])
+    req = Request(row["class_id"], row["class_name"], index, row["seed"], row["prompt"],
+                  source_image=row["source_image"], caption=row.get("caption"))
+    srcs = None
+    if row["source_image"] is not None:
+        if source is None:
+            raise ValueError(f"{file_name} was made from {row['source_image']}: pass the source spec it came from")
+        srcs = [Sources(source).load(row["source_image"])] * size
+    images, _ = generator.generate([req] * size, srcs)
+    return images[row["batch_pos"]]
 
 
 def read_manifest(out):
