@@ -214,15 +214,55 @@ def test_figure_data_from_rows_exactly():
     assert bars["real+label-k1"] == [(80.0, 0.0), None]
 
 
-def test_cells_run_in_child_processes_with_jobs(tmp_path, tiny_generator_dir):
+def test_cells_run_in_worker_processes_with_jobs(tmp_path, tiny_generator_dir):
+    """jobs: 2 runs cells in two long-lived workers, each cell's output in its own log, each model scored by
+    the worker that trained it; the checkpoints equal those of one fresh process per cell, bit for bit (a
+    worker carries nothing from one cell into the next)."""
+    import os
+    import subprocess
+    import sys
+
     path = write_study(tmp_path, generator={"name": "digits-ddpm", "steps": 2, "path": str(tiny_generator_dir)},
-                       jobs=2)
+                       jobs=2, seeds=[0, 1])
     cfg, out = load_study(path), tmp_path / "out"
     done = run_study(cfg, out, progress=False)
-    assert sorted(n[:-9] for n in done["ran"]) == ["label", "real+label-k0.03-s0", "real-standard-s0"]
+    assert sorted(n[:-9] for n in done["ran"]) == ["label", "real+label-k0.03-s0", "real+label-k0.03-s1",
+                                                   "real-standard-s0", "real-standard-s1"]
     assert not done["failed"] and (out / "report.md").exists()
-    logs = sorted(p.name[:-13] for p in (out / "logs").glob("*.log"))
-    assert logs == ["label", "real+label-k0.03-s0", "real-standard-s0"]
+    logs = {p.name for p in (out / "logs").glob("*.log")}
+    assert {n for n in logs if n.startswith("worker-")} <= {"worker-0.log", "worker-1.log"}
+    cells = plan(cfg, out)
+    for c in cells[1:]:
+        text = (out / "logs" / f"{c.folder.name}.log").read_text()
+        assert "epoch 1/1" in text and f"{c.arm} on digits-mnist/test" in text  # trained and scored there
+    fresh = tmp_path / "fresh"
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // 2)), "HF_HUB_OFFLINE": "1"}
+    for c in plan(cfg, fresh):
+        subprocess.run([sys.executable, "-m", "genrobust.cli", "study", str(out / "study.yaml"), "--out",
+                        str(fresh), "--cell-index", str(c.index), "--quiet"], env=env, check=True,
+                       capture_output=True)
+    for a, b in zip(cells[1:], plan(cfg, fresh)[1:]):
+        assert (a.folder / "model.safetensors").read_bytes() == (b.folder / "model.safetensors").read_bytes()
+
+
+def test_a_worker_that_dies_fails_its_cell_and_the_study_goes_on(tmp_path, tiny_generator_dir, monkeypatch):
+    """A worker process that exits mid-cell (a crash, the OOM killer) fails that cell with its exit code; the
+    next ready cell gets a new worker."""
+    import sys
+
+    from genrobust import study_jobs
+
+    path = write_study(tmp_path, generator={"name": "digits-ddpm", "steps": 2, "path": str(tiny_generator_dir)},
+                       jobs=2, seeds=[0, 1])
+    cfg, out = load_study(path), tmp_path / "out"
+    monkeypatch.setattr(study_jobs, "worker_command", lambda *a: [
+        sys.executable, "-c", "import sys; sys.stdin.readline(); sys.exit(3)"])
+    with pytest.raises(ValueError, match=r"5 study cell\(s\) failed") as e:
+        run_study(cfg, out, progress=False)
+    msg = str(e.value)
+    assert msg.count("(exit 3; log ") == 3 and msg.count("(its input label-") == 2  # label, real-standard x 2
+    assert sorted(p.name for p in (out / "logs").glob("worker-*.log")) == [
+        "worker-0.log", "worker-1.log", "worker-2.log"]  # the third cell got a new worker
 
 
 def test_a_failed_child_cell_is_reported_and_the_rest_kept(tmp_path, tiny_generator_dir):

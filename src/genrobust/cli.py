@@ -367,6 +367,10 @@ def cmd_quickstart(args):
 def cmd_study(args):
     from .study import load_study, run_one_cell, run_study
     cfg = load_study(args.config)
+    if args.worker:  # a long-lived worker of a study run: the cells named on stdin
+        from .study_jobs import serve
+        serve(cfg, args.out, device=_device(args.device), progress=not args.quiet)
+        return
     if args.cell_index is not None:  # a child process of a study run: one cell, nothing else
         run_one_cell(cfg, args.out, args.cell_index, device=_device(args.device), progress=not args.quiet)
         return
@@ -652,9 +656,10 @@ def build_parser():
     st.add_argument("--cells", default=None, metavar="I/N",
                     help="run only cells whose index %% N == I (machines sharing one --out folder)")
     st.add_argument("--jobs", type=int, default=None,
-                    help="cells run at once on this machine, each in its own process sharing the cores "
+                    help="cells run at once on this machine, in that many worker processes sharing the cores "
                          "(default: the config's `jobs`, 1)")
     st.add_argument("--cell-index", type=int, default=None, help=argparse.SUPPRESS)
+    st.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     st.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_device(st)
     st.set_defaults(func=cmd_study)

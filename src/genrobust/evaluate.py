@@ -504,5 +504,7 @@ def _append(results, old, rows, force):
         write_jsonl(results, [r for r in old if (r.get("checkpoint"), r["eval_set"],
                                                  _subset_key(r.get("class_subset", "all"))) not in redo] + rows)
     elif rows:
+        import fcntl
         with open(results, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # study workers score at once into one file
             f.write("".join(json.dumps(r) + "\n" for r in rows))

@@ -519,7 +519,8 @@ def run_study(cfg, out, cells=None, dry_run=False, device="cpu", progress=True, 
         cfg: a resolved study config (`load_study`).
         cells: `"i/n"` (or `(i, n)`) to run only cells with index % n == i; None runs all.
         dry_run: print the plan and run nothing.
-        jobs: cells run at once on this machine, each in its own process (default: the config's `jobs`).
+        jobs: cells run at once on this machine, in as many long-lived worker processes, each scoring the
+            models it trains (default: the config's `jobs`).
             With `processes` > 1 in the config, generation and training cells run under torchrun or
             accelerate launch with that many processes.
     Returns {"ran": [cell folders run], "skipped": [waiting on another slice], "failed": [...], "report": paths or None}.
@@ -533,14 +534,16 @@ def run_study(cfg, out, cells=None, dry_run=False, device="cpu", progress=True, 
         return {"ran": [], "skipped": [], "failed": [], "report": None}
     t0 = time.time()
     config_path = write_config(out, _recorded(cfg), name="study.yaml")
-    if jobs > 1 or cfg["processes"] > 1:
-        ran, skipped, failed = _run_in_processes(selected, config_path, out, device, jobs, cfg, progress)
-    else:
-        ran, skipped, failed = _run_in_process(selected, all_cells, cfg, device, progress)
     results = out / "results.jsonl"
+    if jobs > 1 or cfg["processes"] > 1:
+        from .study_jobs import run_in_processes
+        ran, skipped, failed = run_in_processes(selected, config_path, out, device, jobs, cfg, progress,
+                                                waiting=lambda c: _waiting(c, selected))
+    else:
+        ran, skipped, failed = _run_in_process(selected, all_cells, cfg, device, progress, results)
     trained = [c for c in selected if c.kind == "training" and c.cached()]
-    for c in trained:  # each slice scores its own models, so two machines never score the same one
-        _evaluate_cell(c, cfg, results, device)
+    for c in trained:  # what no cell scored yet; each slice scores its own models, never another's
+        evaluate_cell(c, cfg, results, device)
     report = None
     if all(c.cached() for c in all_cells):
         report = _write_study_report(cfg, out, all_cells, results, time.time() - t0, device)
@@ -562,7 +565,7 @@ def _waiting(c, selected):
     return [d for d in c.deps if not d.cached() and d.index not in chosen]
 
 
-def _run_in_process(selected, all_cells, cfg, device, progress):
+def _run_in_process(selected, all_cells, cfg, device, progress, results):
     ran, skipped = [], []
     for c in selected:
         if c.cached():
@@ -576,66 +579,10 @@ def _run_in_process(selected, all_cells, cfg, device, progress):
             continue
         logger.info("[%d/%d] running %s", c.index, len(all_cells), c.folder.name)
         run_cell(c, cfg, device, progress)
+        if c.kind == "training":
+            evaluate_cell(c, cfg, results, device)
         ran.append(c.folder.name)
     return ran, skipped, []
-
-
-def cell_command(c, config_path, out, device, cfg):
-    """The command line that runs one cell in its own process(es): `genrobust study CONFIG --cell-index I`,
-    under torchrun or accelerate launch when the config asks for several processes."""
-    import sys
-    base = ["-m", "genrobust.cli", "study", str(config_path), "--out", str(out), "--cell-index", str(c.index),
-            "--device", str(device), "--quiet"]
-    n = cfg["processes"] if c.kind in ("generation", "training") else 1
-    if n == 1:
-        return [sys.executable, *base]
-    if cfg["launcher"] == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *base]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), *base]
-
-
-def _run_in_processes(selected, config_path, out, device, jobs, cfg, progress):
-    """Run cells as child processes, `jobs` at a time, each once its dependencies are cached; a failed cell
-    is reported with its log and does not stop the cells that do not depend on it."""
-    import os
-    import subprocess
-
-    from tqdm.auto import tqdm
-
-    todo = [c for c in selected if not c.cached()]
-    skipped = [c.folder.name for c in todo if _waiting(c, selected)]
-    todo = [c for c in todo if not _waiting(c, selected)]
-    logs = pathlib.Path(out) / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    running, ran, failed, bad = {}, [], [], set()
-    bar = tqdm(total=len(todo), desc="study cells", unit="cell", disable=not progress)
-    while todo or running:
-        for c in list(todo):
-            if any(d.index in bad for d in c.deps):
-                todo.remove(c)
-                failed.append(f"{c.folder.name} (its input {c.deps[0].folder.name} failed)")
-                bad.add(c.index)
-            elif len(running) < jobs and all(d.cached() for d in c.deps):
-                todo.remove(c)
-                log = open(logs / f"{c.folder.name}.log", "ab")
-                running[c.index] = (c, subprocess.Popen(cell_command(c, config_path, out, device, cfg), env=env,
-                                                        stdout=log, stderr=subprocess.STDOUT), log)
-        for i, (c, proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            log.close()
-            del running[i]
-            bar.update(1)
-            if proc.returncode == 0 and c.cached():
-                ran.append(c.folder.name)
-            else:
-                bad.add(c.index)
-                failed.append(f"{c.folder.name} (exit {proc.returncode}; log {logs / (c.folder.name + '.log')})")
-        time.sleep(0.2)
-    bar.close()
-    return ran, skipped, failed
 
 
 def run_one_cell(cfg, out, index, device="cpu", progress=True):
@@ -710,7 +657,7 @@ def _train_cell(c, cfg, device, progress):
     train(data, c.folder, config, device=device, data_info=info, progress=progress, resume=True)
 
 
-def _evaluate_cell(c, cfg, results, device):
+def evaluate_cell(c, cfg, results, device):
     from .evaluate import evaluate, read_results, resolve_eval_sets
     scored = {r["eval_set"] for r in read_results(results) if r.get("checkpoint") == str(c.folder)}
     if set(resolve_eval_sets(cfg["eval_sets"])) <= scored:

@@ -240,7 +240,8 @@ def sample(unet, scheduler, class_ids, styles, generators, steps=20, guidance=2.
         x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(n))
     cond = torch.tensor([condition_index(c, s) for c, s in zip(class_ids, styles)], device=device)
     uncond = torch.full_like(cond, condition_index(None, None))
-    use_cfg = guidance != 1.0
+    # guidance is a no-op when nothing is conditioned (`image`): one pass instead of two
+    use_cfg = guidance != 1.0 and bool((cond != uncond).any())
     for t in timesteps:
         if use_cfg:
             eps_u, eps_c = unet(torch.cat([x, x]), t, class_labels=torch.cat([uncond, cond])).sample.chunk(2)
