@@ -2,7 +2,7 @@
 launch for cells that ask for several processes.
 
 A worker (`genrobust study CONFIG --out OUT --worker`) reads cell indices on stdin, runs each cell with its
-output in `logs/<cell>.log`, scores a trained model right away, and answers `INDEX STATUS` on stdout. One
+output in `logs/<cell>.log`, scores a trained model right away, and answers `cell INDEX STATUS` on stdout. One
 process per slot rather than one per cell: starting Python, importing torch and timm and loading the digits
 data took ~9 s of every cell's ~45 s in the digits study (bench/RESULTS.md).
 """
@@ -43,11 +43,16 @@ def _processes(c, cfg):
     return cfg["processes"] if c.kind in ("generation", "training") else 1
 
 
+def cell_log(out, c):
+    """Where a cell's output goes, whichever process runs it."""
+    return pathlib.Path(out) / "logs" / f"{c.folder.name}.log"
+
+
 class _Launched:
     """A cell in its own process(es): torchrun or accelerate launch."""
 
-    def __init__(self, c, config_path, out, device, cfg, env, log_path):
-        self.cell, self.log = c, open(log_path, "ab")
+    def __init__(self, c, config_path, out, device, cfg, env):
+        self.cell, self.log = c, open(cell_log(out, c), "ab")
         self.proc = subprocess.Popen(cell_command(c, config_path, out, device, cfg), env=env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
@@ -128,9 +133,8 @@ def run_in_processes(selected, config_path, out, device, jobs, cfg, progress, wa
                     bad.add(c.index)
                 elif len(running) < jobs and all(d.cached() for d in c.deps):
                     todo.remove(c)
-                    log_path = logs / f"{c.folder.name}.log"
                     if _processes(c, cfg) > 1:
-                        running[c.index] = _Launched(c, config_path, out, device, cfg, env, log_path)
+                        running[c.index] = _Launched(c, config_path, out, device, cfg, env)
                         continue
                     if idle:
                         worker = idle.pop()
@@ -155,7 +159,7 @@ def run_in_processes(selected, config_path, out, device, jobs, cfg, progress, wa
                     ran.append(c.folder.name)
                 else:
                     bad.add(c.index)
-                    failed.append(f"{c.folder.name} (exit {status}; log {logs / (c.folder.name + '.log')})")
+                    failed.append(f"{c.folder.name} (exit {status}; log {cell_log(out, c)})")
             time.sleep(0.1)
     finally:
         bar.close()
@@ -187,7 +191,7 @@ def _output_to(path):
             os.close(saved[1])
 
 
-def serve(cfg, out, device="cpu", progress=False, lines=None):
+def serve(cfg, out, device="cpu", progress=False):
     """The worker loop: run the cell named on each input line, answer `cell INDEX STATUS` on the original
     stdout. Each cell's output goes to its own log; an exception fails that cell, not the worker."""
     from .study import evaluate_cell, plan, run_cell
@@ -196,11 +200,10 @@ def serve(cfg, out, device="cpu", progress=False, lines=None):
     sys.stdout.flush()
     os.dup2(2, 1)  # ... goes to the worker's log
     cells = plan(cfg, out)
-    logs = pathlib.Path(out) / "logs"
-    for line in (sys.stdin if lines is None else lines):
+    for line in sys.stdin:
         c = cells[int(line)]
         status = OK
-        with _output_to(logs / f"{c.folder.name}.log"):
+        with _output_to(cell_log(out, c)):
             try:
                 if not c.cached():
                     run_cell(c, cfg, device, progress)
