@@ -139,6 +139,12 @@ def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
     assert "3 cells: generation: 1 cells (0 cached); training: 2 cells (0 cached)" in text
     assert "to run" in text and "estimated" in text
     assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["study", str(write_study(tmp_path)), "--out", str(out), "--jobs", "0"])
+    assert "argument --jobs: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="jobs must be >= 1, got 0"):
+        run_study(load_study(write_study(tmp_path)), out, jobs=0)
+    assert not out.exists()
 
 
 def test_tiny_study_end_to_end_in_slices_then_cached(tmp_path, tiny_generator_dir):

@@ -655,7 +655,7 @@ def build_parser():
                     help="print the plan (each cell cached or to run, a time estimate) and run nothing")
     st.add_argument("--cells", default=None, metavar="I/N",
                     help="run only cells whose index %% N == I (machines sharing one --out folder)")
-    st.add_argument("--jobs", type=int, default=None,
+    st.add_argument("--jobs", type=cli_finetune.positive_int, default=None,
                     help="cells run at once on this machine, in that many worker processes sharing the cores "
                          "(default: the config's `jobs`, 1)")
     st.add_argument("--cell-index", type=int, default=None, help=argparse.SUPPRESS)

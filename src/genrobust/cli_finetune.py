@@ -8,7 +8,8 @@ def _device(name):
     return resolve(name)
 
 
-def _positive_int(text):
+def positive_int(text):
+    """An argparse type: an int >= 1 (`cli.py` uses it too)."""
     import argparse
 
     value = int(text)
@@ -59,17 +60,17 @@ def add_finetune_parser(gsub, fmt, add_device):
     f.add_argument("--out", required=True, help="output generator folder (resumes if it holds a partial run)")
     f.add_argument("--model", default=None, help="text2img base: a local diffusers folder or a cached hub id")
     f.add_argument("--generator-path", default=None, help="digits-ddpm base folder; None: the shipped one")
-    f.add_argument("--steps", type=_positive_int, default=None,
+    f.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer steps; None: text2img one epoch, digits-ddpm 600")
     f.add_argument("--lr", type=float, default=None,
                    help="learning rate; None: text2img 1e-5 full / 1e-4 lora, digits-ddpm 2e-4")
-    f.add_argument("--batch-size", type=_positive_int, default=None,
+    f.add_argument("--batch-size", type=positive_int, default=None,
                    help="global batch of one micro-step; None: text2img 16, digits-ddpm 64")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--mode", choices=["full", "lora"], default=None,
                    help="text2img: train the whole UNet or LoRA adapters; None: full")
-    f.add_argument("--lora-rank", type=_positive_int, default=None, help="text2img LoRA rank (= alpha); None: 4")
-    f.add_argument("--grad-accum", type=_positive_int, default=None,
+    f.add_argument("--lora-rank", type=positive_int, default=None, help="text2img LoRA rank (= alpha); None: 4")
+    f.add_argument("--grad-accum", type=positive_int, default=None,
                    help="text2img: micro-batches per optimizer step; None: 1")
     f.add_argument("--grad-checkpointing", action="store_true", help="text2img: trade compute for UNet memory")
     f.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None,
@@ -83,9 +84,9 @@ def add_finetune_parser(gsub, fmt, add_device):
     f.add_argument("--prompt", default=None,
                    help="text2img class prompt template with one {}; None: 'a photo of a {}.' (wnids become "
                         "class names)")
-    f.add_argument("--resolution", type=_positive_int, default=None,
+    f.add_argument("--resolution", type=positive_int, default=None,
                    help="text2img training size in pixels; None: the model's native size")
-    f.add_argument("--save-every", type=_positive_int, default=None,
+    f.add_argument("--save-every", type=positive_int, default=None,
                    help="checkpoint every N steps; None: text2img 500, digits-ddpm 200")
     f.add_argument("--workers", type=int, default=None, help="text2img: DataLoader workers decoding images; None: 4")
     f.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -526,7 +526,9 @@ def run_study(cfg, out, cells=None, dry_run=False, device="cpu", progress=True, 
     Returns {"ran": [cell folders run], "skipped": [waiting on another slice], "failed": [...], "report": paths or None}.
     """
     out = pathlib.Path(out)
-    jobs = jobs or cfg["jobs"]
+    jobs = cfg["jobs"] if jobs is None else jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     all_cells = plan(cfg, out)
     selected = select_cells(all_cells, cells)
     if dry_run:
