@@ -11,16 +11,26 @@ from genrobust.data.folder import align_classes, export_imageset, load_imagefold
 from genrobust.registry import UnknownNameError
 
 # The digits world must be byte-identical on any machine with the pinned packages: every number the
-# study reports rests on these images. Recompute with `hashlib.sha256(images.numpy().tobytes())`.
-SHA256 = {
-    "digits-mnist/train": "d20464a80c0a3600531d6d44884354e77c7e51ab7dcfae2d703772f501133a76",
-    "digits-uci": "589ff042ea528f9593952bf4ae9b3e9aff22f1c151d37815983e5ce9d734f875",
-    "digits-fonts/unseen": "b2ed00d8373ad631ffa18872a2f02d5c88b7e581f2577d5988cfbfb543ee3c8d",
+# study reports rests on these images. Recompute with `hashlib.sha256(images.numpy().tobytes())` (and labels).
+SHA256 = {  # (images, labels) of every split
+    "digits-mnist/train": ("d20464a80c0a3600531d6d44884354e77c7e51ab7dcfae2d703772f501133a76",
+                           "bbdaed34ddb84891085b7279daa6e45d3336e5e8925f5fc218042c671c4f0e10"),
+    "digits-mnist/pool": ("ec73f2e7c48e8a69c5ef9526fb7c001f73de24b7368b96a0e6190825ea1c35f2",
+                          "10ec2f774651d4417a800af7cd0c932985a4ba69d04230047d3c28435bf20d18"),
+    "digits-mnist/test": ("a9f415680f60af11847b05ed26e27485545278547d8ec8e559badd7ac2ec021b",
+                          "bbdaed34ddb84891085b7279daa6e45d3336e5e8925f5fc218042c671c4f0e10"),
+    "digits-uci": ("589ff042ea528f9593952bf4ae9b3e9aff22f1c151d37815983e5ce9d734f875",
+                   "a3c91c262eddcf7ba8f0e37507c30284493c9b20412ffe4af30d536401f7ba21"),
+    "digits-fonts/seen": ("c60843b691b6cd86cf75714ca22e2fabb33bdf0d9d92b312620a17a978208559",
+                          "bd4687e0b853909b8d058b6742f4b28efd76d29b573b3fbb52c46a169fec6865"),
+    "digits-fonts/unseen": ("b2ed00d8373ad631ffa18872a2f02d5c88b7e581f2577d5988cfbfb543ee3c8d",
+                            "8b035f9e9e81d6a475c833a31a6de68ec3999b6abafb04fd6f958c260d03fca8"),
 }
 
 
 def _sha(data):
-    return hashlib.sha256(data.images.numpy().tobytes()).hexdigest()
+    return (hashlib.sha256(data.images.numpy().tobytes()).hexdigest(),
+            hashlib.sha256(data.labels.numpy().tobytes()).hexdigest())
 
 
 # --- the digits world -------------------------------------------------------------------------------

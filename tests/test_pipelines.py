@@ -284,10 +284,19 @@ def test_select():
     assert select(scores, top_k=1) == {"cat": [0], "dog": [1]}  # a tie goes to the lower index
     assert select(scores, threshold=26.0, top_k=1) == {"cat": [0], "dog": [1]}
     assert select(scores, threshold=50.0) == {"cat": [], "dog": []}
-    assert select(scores, top_k=0) == {"cat": [], "dog": []}
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        select(scores, top_k=0)
     for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="top_k must be a non-negative integer"):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
             select(scores, top_k=bad)
+
+
+def test_clip_top_k_zero_is_refused_by_the_cli_as_by_select(capsys):
+    from genrobust.cli import main
+    with pytest.raises(SystemExit):
+        main(["generate", "--generator", "digits-ddpm", "--strategy", "label", "--per-class", "1",
+              "--out", "unused", "--clip-top-k", "0"])
+    assert "argument --clip-top-k: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_compile_is_cuda_only(folders, caplog):

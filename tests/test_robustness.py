@@ -57,7 +57,51 @@ def test_bootstrap_interval_is_zero_width_for_exact_lines_and_seeded():
     noisy = np.array(ys) + np.linspace(-0.02, 0.02, 8)[::-1] * np.array([1, -1] * 4)
     a = rb.bootstrap_interval(xs, noisy, 0.7, 0.5, n=200, seed=1)
     assert a == rb.bootstrap_interval(xs, noisy, 0.7, 0.5, n=200, seed=1)
-    assert a[0] < a[1]
+    assert a.low < a.high and a.dropped == 0 and a.n == 200
+
+
+def _exact_bootstrap(bx, by, x, y):
+    """Every resample of the baseline points with replacement (equally likely), each line fitted by the
+    closed-form least squares in logit space; degenerate resamples (one repeated ID accuracy) dropped.
+    Returns (sorted ER values, how many resamples were degenerate)."""
+    import itertools
+    lx, ly = [_lg(v) for v in bx], [_lg(v) for v in by]
+    values, degenerate = [], 0
+    for idx in itertools.product(range(len(bx)), repeat=len(bx)):
+        xs, ys = [lx[i] for i in idx], [ly[i] for i in idx]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((v - mx) ** 2 for v in xs)
+        if var == 0:
+            degenerate += 1
+            continue
+        slope = sum((a - mx) * (b - my) for a, b in zip(xs, ys)) / var
+        values.append(y - _sig(slope * _lg(x) + my - slope * mx))
+    return sorted(values), degenerate
+
+
+def test_bootstrap_interval_matches_the_exact_resampling_distribution():
+    # four baseline points off any one line: 4^4 = 256 equally likely resamples, 4 of them degenerate
+    bx, by, x, y = [0.55, 0.7, 0.8, 0.92], [0.3, 0.48, 0.5, 0.8], 0.75, 0.6
+    exact, degenerate = _exact_bootstrap(bx, by, x, y)
+    assert degenerate == 4 and len(exact) == 252
+
+    def quantile(q):  # of the exact distribution (conditioned on a defined line)
+        return exact[min(len(exact) - 1, int(q * len(exact)))]
+
+    ci = rb.bootstrap_interval(bx, by, x, y, n=20000, seed=3)
+    # 20,000 draws put each empirical percentile within about 0.5 points of its level
+    assert quantile(0.015) <= ci.low <= quantile(0.035)
+    assert quantile(0.965) <= ci.high <= quantile(0.985)
+    assert quantile(0.035) < quantile(0.965)  # the case is not degenerate: a wrong level would miss
+    assert ci.dropped == pytest.approx(20000 * 4 / 256, rel=0.15)
+
+
+def test_bootstrap_refuses_an_interval_when_too_many_resamples_are_degenerate():
+    # three points, two at one ID accuracy: 1/27 + 8/27 of the resamples repeat one x: a third defines no line
+    with pytest.raises(ValueError, match=r"of 1000 bootstrap resamples defined no line \(more than 5%\)"):
+        rb.bootstrap_interval([0.6, 0.6, 0.8], [0.3, 0.35, 0.5], 0.7, 0.4, n=1000)
+    with pytest.raises(ValueError, match="at least 1 resample"):
+        rb.bootstrap_interval([0.6, 0.7, 0.8], [0.3, 0.35, 0.5], 0.7, 0.4, n=0)
 
 
 def test_relative_robustness():
@@ -97,7 +141,8 @@ def test_er_rows_exact_against_a_known_line(tmp_path):
     rows = _acc_rows("generated", x, y) + _acc_rows("real", 0.85, 0.4)
     er, lines, warnings = rb.er_rows(rows, base, n_boot=200, reference="real")
     assert warnings == []
-    assert lines["digits-uci"].slope == pytest.approx(0.5) and lines["digits-uci"].intercept == pytest.approx(-1)
+    line = lines[("digits-uci", "all")]
+    assert line.slope == pytest.approx(0.5) and line.intercept == pytest.approx(-1)
     eff = {r["model"]: r for r in er if r["metric"] == "effective_robustness"}
     expected = y - _sig(0.5 * _lg(x) - 1.0)
     assert eff["generated"]["value"] == pytest.approx(expected, abs=1e-6)
@@ -165,3 +210,27 @@ def test_er_rows_say_when_accuracies_are_clipped(tmp_path):
     assert len(er) == 1
     assert any("1 baseline models at accuracy 0 or 1 (e.g. zoo3) were clipped" in w for w in warnings)
     assert any("perfect on digits-uci: an accuracy of 0 or 1 was clipped" in w for w in warnings)
+
+
+def test_the_line_is_keyed_by_eval_set_and_class_subset(tmp_path):
+    # the zoo scored on all classes lies on logit(y) = 0.5 logit(x) - 1; three models scored on a 19-class
+    # subset of the same shift lie on another line, logit(y) = logit(x) + 1: the two never mix
+    sub = '["a", "b"]'
+    subset_rows = [r for i, x in enumerate((0.5, 0.65, 0.85))
+                   for r in _acc_rows(f"sub{i}", x, _sig(_lg(x) + 1.0), subset=sub, num_classes=19)]
+    base = rb.load_baseline(_zoo(tmp_path, extra=subset_rows))
+    assert len(base.points["digits-uci"]) == 7
+    assert [p.model for p in base.points_for("digits-uci", sub)] == ["sub0", "sub1", "sub2"]
+    rows = _acc_rows("model", 0.75, 0.5) + _acc_rows("model-sub", 0.75, 0.5, subset=sub, num_classes=19)
+    er, lines, warnings = rb.er_rows(rows, base, n_boot=200)
+    assert set(lines) == {("digits-uci", "all"), ("digits-uci", sub)}
+    assert lines[("digits-uci", "all")].slope == pytest.approx(0.5)
+    assert lines[("digits-uci", sub)].slope == pytest.approx(1.0) and lines[("digits-uci", sub)].n == 3
+    by = {r["model"]: r for r in er if r["metric"] == "effective_robustness"}
+    assert by["model"]["value"] == pytest.approx(0.5 - _sig(0.5 * _lg(0.75) - 1.0), abs=1e-6)
+    assert by["model-sub"]["value"] == pytest.approx(0.5 - _sig(_lg(0.75) + 1.0), abs=1e-6)
+    # a subset no baseline model was scored on has no line, and the warning says why
+    other = _acc_rows("model-other", 0.75, 0.5, subset='["c"]', num_classes=5)
+    er, lines, warnings = rb.er_rows(other, base, n_boot=200)
+    assert lines == {("digits-uci", '["c"]'): None} and not er
+    assert any("7 baseline points on other class subsets are not on this line" in w for w in warnings)

@@ -223,16 +223,22 @@ def line_figures(er, lines, baseline, taken):
     """One accuracy-on-the-line figure per shift with a fitted line (the same function for every shift)."""
     from .plots import accuracy_on_the_line
 
+    from .robustness import _subset
+
     figs = []
-    for shift, line in lines.items():
+    several = {}
+    for shift, _ in lines:
+        several[shift] = several.get(shift, 0) + 1
+    for (shift, subset), line in lines.items():
         if line is None:
             continue  # er_rows said why (too few baseline points)
         models = [(r["model"], r["id_value"], r["shift_value"]) for r in er
-                  if r.get("metric") == "effective_robustness" and r["eval_set"] == shift]
-        png = accuracy_on_the_line(shift, baseline.points.get(shift, []), line, models,
+                  if r.get("metric") == "effective_robustness" and r["eval_set"] == shift and _subset(r) == subset]
+        title = shift if several[shift] == 1 else f"{shift} ({subset} classes)"
+        png = accuracy_on_the_line(title, baseline.points_for(shift, subset), line, models,
                                    baseline_name=_short_baseline(baseline.name))
-        name = _unique(f"line-{_slug(shift)}", taken)
-        figs.append(Figure(shift, f"figures/{name}.png", png,
+        name = _unique(f"line-{_slug(title)}", taken)
+        figs.append(Figure(title, f"figures/{name}.png", png,
                            f"baseline {_short_baseline(baseline.name)} ({line.n} models, grey), "
                            f"fit logit(y) = {line.slope:.2f} logit(x) {line.intercept:+.2f}; dashed: y = x"))
     return figs

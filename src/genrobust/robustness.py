@@ -59,8 +59,32 @@ def effective_robustness(x, y, line):
     return float(np.asarray(y, dtype=float) - line.predict(x))
 
 
-def bootstrap_interval(bx, by, x, y, n=1000, level=0.95, seed=0):
-    """Percentile interval of ER over refits of the line on baseline points resampled with replacement."""
+# Above this share of degenerate resamples the percentile interval describes another distribution (the one
+# conditioned on a defined line) too loosely to report: 4 distinct baseline points already give 1.6%.
+MAX_DROPPED = 0.05
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A bootstrap percentile interval, with how many of the `n` resamples defined no line and were dropped."""
+
+    low: float
+    high: float
+    n: int
+    dropped: int
+
+    def __iter__(self):  # lo, hi = interval
+        return iter((self.low, self.high))
+
+
+def bootstrap_interval(bx, by, x, y, n=1000, level=0.95, seed=0, max_dropped=MAX_DROPPED):
+    """Percentile interval of ER over refits of the line on baseline points resampled with replacement.
+
+    A resample whose points share one ID accuracy defines no line and is dropped; the count is returned, and
+    more than `max_dropped` of `n` is an error (too few distinct baseline points for an interval).
+    """
+    if n < 1:
+        raise ValueError(f"the bootstrap needs at least 1 resample, got {n}; pass --bootstrap N with N >= 1")
     rng = np.random.default_rng(seed)
     bx, by = np.asarray(bx, dtype=float), np.asarray(by, dtype=float)
     values = []
@@ -70,10 +94,13 @@ def bootstrap_interval(bx, by, x, y, n=1000, level=0.95, seed=0):
             continue  # a resample of one repeated point defines no line
         line = Line(*map(float, np.polyfit(logit(bx[idx]), logit(by[idx]), 1)), len(idx))
         values.append(effective_robustness(x, y, line))
-    if not values:
-        raise ValueError("no bootstrap resample defined a line; add baseline models with distinct accuracies")
+    dropped = n - len(values)
+    if dropped > max_dropped * n:
+        raise ValueError(f"{dropped} of {n} bootstrap resamples defined no line (more than {max_dropped:.0%}): "
+                         f"{len(set(logit(bx).tolist()))} distinct baseline ID accuracies are too few for an "
+                         "interval; add baseline models")
     lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
+    return Interval(float(lo), float(hi), n, dropped)
 
 
 def relative_robustness(y, y_reference):
@@ -107,11 +134,16 @@ def near_chance(accuracy, num_classes):
 
 @dataclass(frozen=True)
 class BaselinePoint:
-    """One baseline model on one shift: x = ID accuracy on the shift's class subset, y = shift accuracy."""
+    """One baseline model on one shift: x = ID accuracy on the shift's class subset, y = shift accuracy.
+
+    `class_subset` is the subset the point was scored on (a results row's), or None for the testbed's own
+    subset of that shift (ImageNet-R's and -A's 200 classes, ObjectNet's 113).
+    """
 
     model: str
     x: float
     y: float
+    class_subset: str = None
 
 
 @dataclass
@@ -119,6 +151,12 @@ class Baseline:
     name: str
     points: dict  # eval set -> [BaselinePoint]
     warnings: list = None
+
+    def points_for(self, eval_set, class_subset):
+        """The points of one line: a results baseline's on exactly these classes (models scored on other
+        subsets sit on other lines); the testbed's, which has one subset per shift, whatever the subset."""
+        pts = self.points.get(eval_set, [])
+        return [p for p in pts if p.class_subset is None or p.class_subset == class_subset]
 
 
 def load_baseline(spec, model_types=TESTBED_TYPES):
@@ -142,7 +180,8 @@ def load_baseline(spec, model_types=TESTBED_TYPES):
             warnings.append(f"baseline {row['model']} is near chance in distribution ({100 * x:.1f}%); "
                             f"left out of the {row['eval_set']} line")
             continue
-        points.setdefault(row["eval_set"], []).append(BaselinePoint(row["model"], x, row["value"]))
+        points.setdefault(row["eval_set"], []).append(
+            BaselinePoint(row["model"], x, row["value"], _subset(row)))
     if not points:
         raise ValueError(f"{spec}: no shift rows with an in-distribution counterpart; evaluate the baseline "
                          "models on the ID set and the shifts first")
@@ -169,6 +208,13 @@ def _key(row):
     return row.get("checkpoint") or f"{row['model']}#{row.get('seed')}"
 
 
+def _subset(row):
+    """A row's class subset as a hashable, comparable key ("all" when absent)."""
+    import json
+    v = row.get("class_subset", "all")
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True)
+
+
 def paired_rows(rows):
     """Yield (shift row, x) for every top-1 shift row whose checkpoint has an ID row on the same classes."""
     ids = {}
@@ -188,8 +234,9 @@ def paired_rows(rows):
 def er_rows(rows, baseline, n_boot=1000, seed=0, reference=None):
     """Effective (and relative) robustness rows for every shift row that has an ID counterpart.
 
-    Returns (rows, {eval set: Line}, warnings). Nothing is silently dropped: every shift row that gets no ER
-    is named in the warnings with the reason.
+    Returns (rows, {(eval set, class subset): Line}, warnings). Nothing is silently dropped: every shift row
+    that gets no ER or no interval is named in the warnings with the reason, and each ER row counts the
+    bootstrap resamples its interval used (`ci_resamples`) and dropped (`ci_dropped`).
     """
     warnings = list(baseline.warnings or [])
     lines, out, paired = {}, [], list(paired_rows(rows))
@@ -199,7 +246,8 @@ def er_rows(rows, baseline, n_boot=1000, seed=0, reference=None):
             warnings.append(f"{r['model']} on {r['eval_set']}: no in-distribution row on the same classes "
                             f"({r.get('class_subset', 'all')}); no ER")
     for r, x in paired:
-        line = _line_for(r["eval_set"], baseline, lines, warnings)
+        key = (r["eval_set"], _subset(r))
+        line = _line_for(key, baseline, lines, warnings)
         if line is None:
             continue
         expected = TESTBED_NUM_CLASSES.get(r["eval_set"]) if baseline.name.startswith("testbed") else None
@@ -209,29 +257,41 @@ def er_rows(rows, baseline, n_boot=1000, seed=0, reference=None):
         if not (0 < x < 1 and 0 < r["value"] < 1):
             warnings.append(f"{r['model']} on {r['eval_set']}: an accuracy of 0 or 1 was clipped to "
                             f"[{CLIP:g}, {1 - CLIP:g}] for the logit; its ER is a bound, not a measurement")
-        pts = baseline.points[r["eval_set"]]
-        lo, hi = bootstrap_interval([p.x for p in pts], [p.y for p in pts], x, r["value"], n=n_boot, seed=seed)
-        out.append(_er_row(r, x, line, baseline.name, "effective_robustness",
-                           effective_robustness(x, r["value"], line), lo, hi))
+        pts = baseline.points_for(*key)
+        try:
+            ci = bootstrap_interval([p.x for p in pts], [p.y for p in pts], x, r["value"], n=n_boot, seed=seed)
+        except ValueError as e:
+            warnings.append(f"{r['model']} on {r['eval_set']}: no interval: {e}")
+            ci = None
+        row = _er_row(r, x, line, baseline.name, "effective_robustness", effective_robustness(x, r["value"], line),
+                      *(ci or (None, None)))
+        if ci is not None:  # resamples of one repeated baseline point define no line: counted in the row
+            row["ci_resamples"], row["ci_dropped"] = ci.n - ci.dropped, ci.dropped
+        out.append(row)
     if reference:
         out += _relative_rows(rows, reference, warnings)
     return out, lines, warnings
 
 
-def _line_for(eval_set, baseline, lines, warnings):
-    if eval_set in lines:
-        return lines[eval_set]
-    pts = baseline.points.get(eval_set, [])
+def _line_for(key, baseline, lines, warnings):
+    """The line of (eval set, class subset), fitted once."""
+    if key in lines:
+        return lines[key]
+    eval_set, subset = key
+    where = eval_set if subset == "all" else f"{eval_set} ({subset} classes)"
+    pts = baseline.points_for(eval_set, subset)
     edge = [p.model for p in pts if not (0 < p.x < 1 and 0 < p.y < 1)]
     if edge:
-        warnings.append(f"{eval_set}: {len(edge)} baseline models at accuracy 0 or 1 (e.g. {edge[0]}) were "
+        warnings.append(f"{where}: {len(edge)} baseline models at accuracy 0 or 1 (e.g. {edge[0]}) were "
                         f"clipped to [{CLIP:g}, {1 - CLIP:g}] for the logit")
     try:
-        lines[eval_set] = fit_line([p.x for p in pts], [p.y for p in pts])
+        lines[key] = fit_line([p.x for p in pts], [p.y for p in pts])
     except ValueError as e:
-        warnings.append(f"{eval_set}: no baseline line from {baseline.name}: {e}")
-        lines[eval_set] = None
-    return lines[eval_set]
+        others = len(baseline.points.get(eval_set, [])) - len(pts)
+        hint = f" ({others} baseline points on other class subsets are not on this line)" if others else ""
+        warnings.append(f"{where}: no baseline line from {baseline.name}: {e}{hint}")
+        lines[key] = None
+    return lines[key]
 
 
 def _er_row(r, x, line, baseline_name, metric, value, lo=None, hi=None):

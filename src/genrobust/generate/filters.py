@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from .. import context
 from .pipelines import from_pretrained, resolve_dtype
 
 # Standard deviation over all pixels and channels, in uint8 levels. A safety checker's black replacement
@@ -32,6 +33,7 @@ class ClipScorer:
     def __init__(self, model, device="cpu", dtype="auto", batch_size=64):
         from transformers import CLIPModel, CLIPProcessor
 
+        device = context.resolve_device(device)
         self.model_name, self.device, self.batch_size = str(model), device, batch_size
         self.dtype = resolve_dtype(dtype, device)
         self.processor = from_pretrained(CLIPProcessor, model, "config.json")
@@ -69,12 +71,13 @@ def select(scores_by_class, threshold=None, top_k=None):
     Args:
         scores_by_class: {class: [score of image 0, score of image 1, ...]}.
         threshold: keep only scores at or above it (None: no threshold).
-        top_k: keep at most this many per class, the highest scores (None: no limit).
+        top_k: keep at most this many per class, the highest scores (None: no limit; 0 is an error, as
+            `--clip-top-k 0` is: keeping no image is never what a run wants).
     Returns {class: sorted list of kept indices}. NaN scores are never kept when a filter is given; with
     neither filter every index is kept.
     """
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be a non-negative integer, got {top_k!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (None keeps every image), got {top_k!r}")
     kept = {}
     for name, scores in scores_by_class.items():
         idx = list(range(len(scores)))
