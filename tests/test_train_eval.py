@@ -118,14 +118,25 @@ def test_evaluate_rejects_unknown_classes(trained, tiny_images, tmp_path):
         ev.evaluate(trained["out"], [f"imagefolder:{folder}"], tmp_path / "r.jsonl")
 
 
-def test_train_arm_redoes_a_partial_checkpoint(tmp_path, tiny_images):
+@pytest.mark.parametrize("kill", ["while saving the weights", "between the weights and the marker"])
+def test_train_arm_redoes_a_partial_checkpoint(tmp_path, tiny_images, kill):
+    from safetensors.torch import load_file, save_file
+
     from genrobust.study import train_arm
 
+    real = f"imagefolder:{tiny_images('real', classes=('0', '1'), per_class=2)}"
+    config = tr.TrainConfig(model="test_resnet", epochs=1)
+    whole = tmp_path / "models" / "uninterrupted"
+    train_arm(whole, real, (), 0.0, config, "cpu", False)
     out = tmp_path / "models" / "real"
     out.mkdir(parents=True)
-    # what a kill while saving leaves: side files written, weights only in their temp file
     (out / "config.yaml").write_text("model: test_resnet\n")
-    (out / ".model.safetensors.tmp").write_bytes(b"")
-    real = tiny_images("real", classes=("0", "1"), per_class=2)
-    train_arm(out, f"imagefolder:{real}", (), 0.0, tr.TrainConfig(model="test_resnet", epochs=1), "cpu", False)
-    tr.load_checkpoint(out)
+    if kill == "while saving the weights":  # side files written, weights only in their temp file
+        (out / ".model.safetensors.tmp").write_bytes(b"")
+    else:  # stale weights in place, no completion marker
+        save_file({k: torch.zeros_like(v) for k, v in load_file(whole / "model.safetensors").items()},
+                  out / "model.safetensors")
+    train_arm(out, real, (), 0.0, config, "cpu", False)
+    assert tr.is_complete(out)
+    got, want = load_file(out / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
