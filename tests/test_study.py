@@ -294,10 +294,12 @@ def test_shipped_digits_study_config_plans_the_full_grid(tmp_path, config):
     assert "real-step-matched" in arms and any(a.startswith("real+retrieval") for a in arms)
 
 
-def test_cells_run_under_torchrun_with_processes(tmp_path, tiny_generator_dir):
-    """processes: 2 runs generation (sharded by rank, merged by rank 0) and training (DDP) in two processes."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_cells_run_under_torchrun_with_processes(tmp_path, tiny_generator_dir, launcher):
+    """processes: 2 runs generation (sharded by rank, merged by rank 0) and training (DDP) in two processes,
+    under torchrun and under `accelerate launch` (on CPU too: its --multi_gpu launcher is torchrun's)."""
     path = write_study(tmp_path, generator={"name": "digits-ddpm", "steps": 2, "path": str(tiny_generator_dir)},
-                       processes=2)
+                       processes=2, launcher=launcher)
     cfg, out = load_study(path), tmp_path / "out"
     done = run_study(cfg, out, progress=False)
     assert not done["failed"] and (out / "report.md").exists()
