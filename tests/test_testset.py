@@ -392,7 +392,9 @@ def test_export_loads_with_datasets_offline(world, tmp_path, monkeypatch):
     import datasets
 
     out = export(world.path, tmp_path / "hf")
-    ds = datasets.load_dataset("imagefolder", data_dir=str(out), split="train", cache_dir=str(tmp_path / "cache"))
+    splits = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "cache"))  # the card's YAML names the split
+    assert list(splits) == ["test"]
+    ds = splits["test"]
     assert ds.num_rows == 15
     assert sorted(zip(ds["class_name"], ds["label"])) == [(c, CLASSES.index(c)) for c in CLASSES for _ in range(5)]
 

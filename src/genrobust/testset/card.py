@@ -141,7 +141,10 @@ def _front_matter(card):
         lines.append(f"license_name: {json.dumps(str(card['licence']))}")
     lines += [f"pretty_name: {json.dumps(card['name'] + ' ' + card['version'])}", "task_categories:",
               "- image-classification", "tags:", "- synthetic", "- genrobust", "size_categories:",
-              f"- {_size_category(card['num_images'])}", "---"]
+              f"- {_size_category(card['num_images'])}",
+              # a test set is one `test` split: `datasets.load_dataset(FOLDER)` gives DatasetDict({"test": ...})
+              "configs:", "- config_name: default", "  data_files:", "  - split: test", "    path:",
+              '    - "*/*.png"', "    - metadata.jsonl", "---"]
     return "\n".join(lines)
 
 
@@ -209,8 +212,8 @@ def readme(card):
            "- `card.json`: everything above, the resolved build inputs, and the sha256 of every file. "
            f"`genrobust testset verify {name}` rechecks them.", "", "## Loading", "", "```python",
            "import genrobust", f"ds = genrobust.load_testset(\"{name}\")  # torch Dataset of (image, label)", "",
-           "import datasets", "ds = datasets.load_dataset(\"imagefolder\", data_dir=\"PATH/TO/THIS/FOLDER\", "
-           "split=\"train\")", "```", "", "## Citation", "", text, "", "```bibtex", bib, "```", ""]
+           "import datasets", "ds = datasets.load_dataset(\"PATH/TO/THIS/FOLDER\")[\"test\"]  # the card declares "
+           "the split", "```", "", "## Citation", "", text, "", "```bibtex", bib, "```", ""]
     return "\n".join(out)
 
 

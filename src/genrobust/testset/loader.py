@@ -51,8 +51,9 @@ def load_testset(path, transform=None, root=None, verify=False):
 
 
 def export(ref, out, root=None):
-    """Copy a verified version to `out` as plain writable files (for `datasets.load_dataset("imagefolder",
-    data_dir=out)` or an upload to the Hub: README.md carries the dataset-card header). Returns `out`."""
+    """Copy a verified version to `out` as plain writable files (for `datasets.load_dataset(out)["test"]` or an
+    upload to the Hub: README.md carries the dataset-card header, which declares the `test` split). Returns
+    `out`."""
     path = store.resolve(ref, root)
     store.check_intact(path)
     out = pathlib.Path(out)
