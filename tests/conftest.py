@@ -6,6 +6,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Folder listings are cached under $GENROBUST_CACHE: tests keep theirs out of the user's ~/.cache.
+os.environ["GENROBUST_CACHE"] = __import__("tempfile").mkdtemp(prefix="genrobust-test-cache-")
 
 import pathlib  # noqa: E402
 
@@ -82,3 +84,27 @@ def trained(tmp_path_factory):
         rows = tr.train(data, out, config, data_info={"real": "digits-mnist/train", "label": "tiny real"},
                         progress=False)
     return {"out": out, "rows": rows, "model": built[0].eval(), "data": data, "config": config}
+
+
+# --- realistic ImageNet-shaped trees (tests/realistic.py) ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def realistic_tree(tmp_path_factory):
+    """A read-only $GENROBUST_DATA of ImageNet-like files (mixed sizes, modes, extensions, EXIF, a PNG under
+    a .JPEG name, one corrupt file per train folder): `realistic.Tree`; its `root` is the data root. Tests
+    that change files build their own with `realistic.data_root` or `realistic.imagefolder`."""
+    import realistic
+
+    return realistic.data_root(tmp_path_factory.mktemp("realistic-data"))
+
+
+@pytest.fixture(scope="session")
+def realistic_study_root(tmp_path_factory):
+    """The realistic data root plus the tiny random SD pipelines where the paper study configs expect the
+    user's local models (`models/stable-diffusion-v1-5`, `models/sd-image-variations-diffusers`)."""
+    import realistic
+
+    root = tmp_path_factory.mktemp("realistic-study-data")
+    realistic.data_root(root)
+    realistic.models(root)
+    return root

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from genrobust import baselines as bl
+from genrobust.study import baselines as bl
 from genrobust.cli import main
 from genrobust.data import load_dataset
 

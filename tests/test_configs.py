@@ -7,7 +7,6 @@ on CPU is too slow for a test).
 import json
 import pathlib
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -15,12 +14,13 @@ import yaml
 from genrobust import train as tr
 from genrobust.cli import apply_config, build_parser, main, read_config
 
+import realistic
 from conftest import write_imagefolder
 from helpers import fails
 
 CONFIGS = sorted(p for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml")
                  if not p.name.endswith("-study.yaml"))  # study configs: tests/test_study.py
-WNIDS = ("n01440764", "n01443537", "n01484850")
+WNIDS = tuple(realistic.imagenet100_classes(3))
 
 
 def _parse(argv):
@@ -31,23 +31,15 @@ def _parse(argv):
     return apply_config(args)
 
 
-def _jpegs(root, classes, per_class, size=40, seed=0):
-    """A fake ImageNet-style folder: `<root>/<wnid>/<i>.JPEG`, random RGB, sizes varying as ImageNet's do."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in classes:
-        (root / c).mkdir(parents=True)
-        for i in range(per_class):
-            h, w = size + 4 * i, size + 6 * (i % 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / c / f"{c}_{i}.JPEG")
-    return root
-
-
 @pytest.fixture(scope="module")
 def fake_imagenet(tmp_path_factory):
+    """ImageNet-like train and generated folders (tests/realistic.py): JPEGs and PNGs of mixed sizes (50 to 500
+    px, aspect 1:3 to 3:1) and modes (the first file greyscale, CMYK, RGBA, palette, EXIF-rotated, a PNG under
+    a .JPEG name), upper- and lower-case extensions; no corrupt file (these runs are about the recipes)."""
     root = tmp_path_factory.mktemp("fake-imagenet")
-    return _jpegs(root / "train", WNIDS, 4), _jpegs(root / "generated", WNIDS, 4, seed=1)
+    realistic.imagefolder(root / "train", WNIDS, 4)
+    realistic.imagefolder(root / "generated", WNIDS, 4, seed=1)
+    return root / "train", root / "generated"
 
 
 def _stand_ins(cfg, fake_imagenet, tmp_path):

@@ -155,12 +155,18 @@ def test_build_training_set_real_plus_generated(tiny_images, generated_folder):
     json.dumps(info)  # data.json must be able to hold it
 
 
-def test_build_training_set_converts_generated_to_real_channels(tiny_images):
+def test_build_training_set_converts_generated_to_the_recipes_channels(tiny_images):
     real = tiny_images("real", classes=("0", "1"), per_class=2)
     gen = tiny_images("gen-rgb", classes=("1", "0"), per_class=2, mode="RGB")
-    data, info = build_training_set(f"imagefolder:{real}", [gen], ratio=0.5, seed=1)
+    data, info = build_training_set(f"imagefolder:{real}", [gen], ratio=0.5, seed=1, channels=1)
     assert tuple(data.images.shape) == (6, 1, 28, 28)
     assert info["counts"]["generated"] == {"0": 1, "1": 1}
+    # without a recipe or a card that says otherwise, a folder is RGB: never the first image's mode
+    data, _ = build_training_set(f"imagefolder:{real}", [gen], ratio=0.5, seed=1)
+    assert tuple(data.images.shape) == (6, 3, 28, 28)
+    (real / "dataset_card.json").write_text(json.dumps({"channels": 1}))
+    data, _ = build_training_set(f"imagefolder:{real}", [gen], ratio=0.5, seed=1)
+    assert tuple(data.images.shape) == (6, 1, 28, 28)
 
 
 def test_build_training_set_pools_several_folders(tiny_images):
@@ -338,9 +344,10 @@ def test_corrupt_images_are_skipped_up_to_max_corrupt(tiny_images):
 def test_streamed_and_in_memory_sets_draw_the_same_images(tiny_images):
     real = tiny_images("real", classes=("0", "1", "2"), per_class=4)
     gen = tiny_images("gen", classes=("0", "1", "2"), per_class=6, seed=1)
-    mem, info_mem = build_training_set(f"imagefolder:{real}", [gen], mode="replace", fraction=0.5, seed=2)
+    mem, info_mem = build_training_set(f"imagefolder:{real}", [gen], mode="replace", fraction=0.5, seed=2,
+                                       channels=1)
     disk, info_disk = build_training_set(f"imagefolder:{real}", [gen], mode="replace", fraction=0.5, seed=2,
-                                         stream=True)
+                                         stream=True, channels=1)
     assert isinstance(disk, FileSet) and disk.channels == 1 and info_disk["stream"] is True
     assert info_disk["counts"] == info_mem["counts"] and torch.equal(disk.labels, mem.labels)
     assert disk.meta["file_name"] == mem.meta["file_name"] and disk.meta["origin"] == mem.meta["origin"]

@@ -1,64 +1,39 @@
 """The paper-scale study configs (configs/imagenet100-study.yaml, configs/imagenet1k-study.yaml), each run end
-to end on tiny fake ImageNet folders with tiny random-weight SD pipelines saved where the config expects the
-user's local models. The grid is the config's own (strategies, generators, amounts, augmentations, controls,
-models, evaluation sets, baseline); only sizes shrink: images, steps, epochs, batch, one process."""
+to end on a realistic ImageNet-shaped tree (tests/realistic.py: mixed sizes, greyscale/CMYK/PNG/EXIF files, a
+few corrupt ones) with tiny random-weight SD pipelines saved where the config expects the user's local models.
+The grid is the config's own (strategies, generators, amounts, augmentations, controls, models, evaluation
+sets, baseline); only sizes shrink: images, steps, epochs, batch, one process. Their dry runs (not slow) plan
+on that tree, and on one whose every file is empty, without opening an image."""
 import json
 import pathlib
 
-import numpy as np
 import pytest
 import yaml
 
-import tiny_models
-from genrobust import evaluate as ev
+import realistic
+from genrobust.cli import main
 from genrobust.study import load_study, plan, resolve_study, run_study
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
-SHRINK = {"per_class": 2, "epochs": 1, "processes": 1}
+# per_class: at least the real folders' images per class, as the configs' 1300 is ImageNet's (17 good, 18 in
+# the class holding the corrupt file: a plan lists files, it does not decode them), with room for a request
+# given up because its source is the corrupt file, so that k=1 and generated-only find enough
+PER_CLASS = 20
+SHRINK = {"per_class": PER_CLASS, "epochs": 1, "processes": 1}
 GENERATOR_SHRINK = {"steps": 2, "height": 64, "width": 64, "batch_size": 4}
 TRAIN_SHRINK = {"input_size": 32, "workers": 0, "batch_size": 8}
 
 
-def _jpegs(folder, n, seed):
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG")
-
-
-def _classes():
-    """Three ImageNet-100 wnids: one in ImageNet-R, one mapped to an ObjectNet class, one in neither."""
-    in100 = ev.reference("imagenet100_wnids.json")["wnids"]
-    r = set(ev.reference("imagenet_r_wnids.json")["wnids"])
-    on = {w: c["objectnet_folder"] for c in ev.reference("objectnet_to_imagenet.json")["classes"]
-          for w in c["imagenet_wnids"]}
-    r_class = next(w for w in in100 if w in r)
-    on_class = next(w for w in in100 if w in on)
-    plain = next(w for w in in100 if w not in r and w not in on)
-    return sorted([r_class, on_class, plain]), on
-
-
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    """$GENROBUST_DATA as the configs expect it: real train folders, the evaluation sets, retrieval folders and
-    the local model folders (tiny random SD pipelines)."""
-    root = tmp_path_factory.mktemp("genrobust-data")
-    classes, on = _classes()
-    v2_folder = {w: str(i) for i, w in enumerate(ev.reference("imagenet_v2_folder_order.json")["folder_to_wnid"])}
-    for i, w in enumerate(classes):
-        for train in ("imagenet100/train", "imagenet/train", "retrieval/imagenet100", "retrieval/imagenet1k"):
-            _jpegs(root / train / w, 2, seed=i)
-        _jpegs(root / "imagenet/val" / w, 2, seed=10 + i)
-        _jpegs(root / "imagenetv2-matched-frequency-format-val" / v2_folder[w], 2, seed=20 + i)
-        _jpegs(root / "imagenet-sketch/sketch" / w, 2, seed=30 + i)
-        if w in set(ev.reference("imagenet_r_wnids.json")["wnids"]):
-            _jpegs(root / "imagenet-r" / w, 2, seed=40 + i)
-        if w in on:
-            _jpegs(root / "objectnet-1.0/images" / on[w], 2, seed=50 + i)
-    tiny_models.tiny_sd(root / "models" / "stable-diffusion-v1-5")
-    tiny_models.tiny_sd_variation(root / "models" / "sd-image-variations-diffusers")
-    return root
+def data_root(realistic_study_root):
+    """$GENROBUST_DATA as the configs expect it, with files like real ImageNet's (tests/realistic.py): six
+    IN-100 classes covering ImageNet-R, -A and ObjectNet, 102 images per train folder (120 per retrieval
+    folder) in mixed sizes, modes and extensions plus one truncated or zero-byte file in each, every eval set,
+    and the tiny random SD pipelines where the configs expect the user's local models."""
+    return realistic_study_root
+
+
+CLASSES = realistic.imagenet100_classes()
 
 
 def _shrunk(name):
@@ -95,6 +70,64 @@ def test_paper_study_config_end_to_end(name, data_root, tmp_path, monkeypatch):
     gen = [c for c in cells if c.kind == "generation"]
     assert [c.inputs["generator"]["name"] for c in gen] == ["text2img", "text2img", "image-variation", "img2img"]
     manifest = [json.loads(line) for line in (gen[2].folder / "metadata.jsonl").read_text().splitlines()]
-    assert {r["guidance_scale"] for r in manifest} == {3.0} and len(manifest) == 6
+    assert {r["guidance_scale"] for r in manifest} == {3.0}
+    # sources are real files of every kind; the corrupt one's requests are given up and the file named
+    real = pathlib.Path(cfg["real"].split(":", 1)[1])
+    (corrupt,) = [p.relative_to(real).as_posix() for p in real.rglob("*corrupt*")]
+    for g in gen[2:]:
+        rows = [json.loads(line) for line in (g.folder / "metadata.jsonl").read_text().splitlines()]
+        assert PER_CLASS * len(CLASSES) - 2 <= len(rows) < PER_CLASS * len(CLASSES)
+        assert corrupt not in {r["source_image"] for r in rows}
+        assert json.loads((g.folder / "dataset_card.json").read_text())["skipped_sources"] == [corrupt]
+    # channels come from the recipe (3), not from the first file (a greyscale JPEG)
+    for c in cells:
+        if c.kind == "training":
+            saved = yaml.safe_load((c.folder / "config.yaml").read_text())
+            assert saved["in_chans"] == 3 and json.loads((c.folder / "classes.json").read_text()) == CLASSES
     md = (out / "report.md").read_text()
     assert "## Study figures" in md and "testbed" in md
+
+
+@pytest.mark.parametrize("name", ["imagenet100-study.yaml", "imagenet1k-study.yaml"])
+def test_paper_study_dry_run_lists_files_and_opens_no_image(name, data_root, tmp_path, monkeypatch, capsys):
+    """Issue 15: `study CONFIG --dry-run` on an ImageNet-like tree plans without decoding, or even opening, an
+    image (PIL.Image.open raises here), whatever the files hold: the first is greyscale, sizes differ, one is
+    truncated and one empty."""
+    from PIL import Image
+
+    monkeypatch.setenv("GENROBUST_DATA", str(data_root))
+
+    def no_open(*args, **kwargs):
+        raise AssertionError(f"planning opened an image: {args[:1]}")
+
+    monkeypatch.setattr(Image, "open", no_open)
+    out = tmp_path / "out"
+    assert main(["study", str(CONFIGS / name), "--out", str(out), "--dry-run"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "generation" in printed and "training" in printed
+    assert not (out / "results.jsonl").exists()
+
+
+def test_a_study_plans_on_a_folder_of_unreadable_files(data_root, tmp_path, monkeypatch, capsys):
+    """Every image file empty (the names and layout of the realistic tree): the plan is computed from listings
+    alone, and has the cells of the readable tree's."""
+    unreadable = tmp_path / "unreadable"
+    for p in data_root.rglob("*"):
+        rel = p.relative_to(data_root)
+        if rel.parts[0] == "models":
+            continue
+        if p.is_file():
+            (unreadable / rel).parent.mkdir(parents=True, exist_ok=True)
+            (unreadable / rel).touch()
+    (unreadable / "models").symlink_to(data_root / "models")
+    keys = {}
+    for root in (data_root, unreadable):
+        monkeypatch.setenv("GENROBUST_DATA", str(root))
+        cfg = resolve_study(_shrunk("imagenet100-study.yaml"))
+        cells = plan(cfg, tmp_path / "out")
+        keys[root] = [(c.kind, c.name) for c in cells]
+        assert any(c.kind == "training" for c in cells)
+    assert keys[data_root] == keys[unreadable]
+    monkeypatch.setenv("GENROBUST_DATA", str(unreadable))
+    assert main(["study", str(CONFIGS / "imagenet100-study.yaml"), "--out", str(tmp_path / "o2"), "--dry-run"]) \
+        == 0, capsys.readouterr().err

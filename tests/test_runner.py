@@ -93,15 +93,20 @@ def test_source_strategy_errors(tiny_images):
         create_strategy("label")(["cat"], None, 0, PROMPTS, per_image=2)
 
 
-def test_unreadable_sources_are_skipped_and_reported(tmp_path, tiny_images):
+def test_unreadable_sources_are_skipped_when_decoded_and_reported(tmp_path, tiny_images):
     root = tiny_images("src", classes=("cat",), per_class=3)
     bad = sorted((root / "cat").iterdir())[1]
     bad.write_bytes(b"not a png")
-    src = Sources(f"imagefolder:{root}")
-    assert src.skipped == [f"cat/{bad.name}"] and len(src.refs("cat")) == 2
+    src = Sources(f"imagefolder:{root}", max_corrupt=0.5)
+    assert src.skipped == [] and len(src.refs("cat")) == 3  # listed, not opened, at start
+    assert src.load_or_skip(f"cat/{bad.name}") is None and src.skipped == [f"cat/{bad.name}"]
     card = runner.generate(FakeGenerator(), "image", ["cat"], tmp_path / "g", per_image=1,
-                           source=f"imagefolder:{root}", progress=False)
+                           source=f"imagefolder:{root}", progress=False, max_corrupt=0.5)
     assert card["num_images"] == 2 and card["skipped_sources"] == [f"cat/{bad.name}"]
+    assert card["quality_control"]["given_up"] == {"cat": 1}
+    with pytest.raises(ValueError, match=r"1 of 3 source images .* unreadable \(e\.g\. cat/"):
+        runner.generate(FakeGenerator(), "image", ["cat"], tmp_path / "g2", per_image=1,
+                        source=f"imagefolder:{root}", progress=False)
 
 
 # --- quality control ----------------------------------------------------------------------------------
@@ -158,7 +163,7 @@ def test_two_shards_merge_into_the_one_process_result(tmp_path):
 
 
 def test_torchrun_two_processes(tmp_path, tiny_generator_dir):
-    """Two CPU processes under torchrun (gloo) give the same folder as one process."""
+    """Two CPU processes under torchrun (gloo) give the same folder as one process, to the byte."""
     args = ["generate", "--generator-path", str(tiny_generator_dir), "--steps", "2", "--per-class", "3",
             "--classes", "0,1,2", "--batch-size", "4", "--seed", "4", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -171,10 +176,10 @@ def test_torchrun_two_processes(tmp_path, tiny_generator_dir):
                            *args, "--out", str(two)], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (two / "shards").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
-    strip = ("batch_id", "batch_pos", "sha256")
-    rows = [[{k: v for k, v in r.items() if k not in strip} for r in read_jsonl(f / "metadata.jsonl")]
-            for f in (one, two)]
-    assert rows[0] == rows[1]  # the same requests, seeds and prompts; pixels may differ by batch rounding
+    rows = [read_jsonl(f / "metadata.jsonl") for f in (one, two)]
+    assert rows[0] == rows[1] and len(rows[0]) == 9  # requests, seeds, prompts, batches and sha256s
+    for r in rows[0]:  # and the image files themselves
+        assert (one / r["file_name"]).read_bytes() == (two / r["file_name"]).read_bytes()
 
 
 # --- captions -----------------------------------------------------------------------------------------

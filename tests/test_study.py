@@ -8,7 +8,7 @@ import yaml
 
 from genrobust.cli import main
 from genrobust.study import load_study, plan, resolve_study, run_study, select_cells, step_matched_epochs
-from genrobust.study_figures import bar_amount, bar_data, curve_data
+from genrobust.study.figures import bar_amount, bar_data, curve_data
 
 CONFIGS = pathlib.Path(__file__).parents[1] / "configs"
 NO_CONTROLS = {"step_matched": False, "retrieval": None}
@@ -256,7 +256,7 @@ def test_a_worker_that_dies_fails_its_cell_and_the_study_goes_on(tmp_path, tiny_
     next ready cell gets a new worker."""
     import sys
 
-    from genrobust import study_jobs
+    from genrobust.study import workers as study_jobs
 
     path = write_study(tmp_path, generator={"name": "digits-ddpm", "steps": 2, "path": str(tiny_generator_dir)},
                        jobs=2, seeds=[0, 1])

@@ -80,7 +80,7 @@ def _per_image(x, transform, generator):
 # ---------------------------------------------------------------------------------------------- none, standard
 
 @AUGMENTATIONS.register("none", description="no augmentation")
-def _none(flip=False):
+def _none(flip=False, crop=True):
     return Augmentation(lambda x, y, generator: (x, y))
 
 
@@ -112,8 +112,9 @@ def _warp(x, theta):
 
 @AUGMENTATIONS.register("standard", description="random resized crop (scale 0.7-1, aspect 3/4-4/3), plus a "
                                                 "horizontal flip where the domain allows it (not for digits)")
-def _standard(flip=False, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)):
-    return Augmentation(lambda x, y, generator: (x, y), crop=_crop_and_flip(flip, scale, ratio))
+def _standard(flip=False, crop=True, scale=(0.7, 1.0), ratio=(3 / 4, 4 / 3)):
+    # crop=False: streamed images were already cropped (and flipped) from the full image in the DataLoader workers
+    return Augmentation(lambda x, y, generator: (x, y), crop=_crop_and_flip(flip, scale, ratio) if crop else None)
 
 
 # ------------------------------------------------------------------------------------ torchvision policies

@@ -9,16 +9,9 @@ import pathlib
 import shlex
 import sys
 
-from . import cli_finetune, cli_testset
+from . import cli_finetune, cli_testset, context
 
 logger = logging.getLogger("genrobust")
-
-
-def _device(name):
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def _registries():
@@ -58,7 +51,7 @@ def cmd_generator_train(args):
     command = "genrobust " + " ".join(shlex.quote(a) for a in args.argv)
     out = digits_ddpm.train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             seed=args.seed, save_every=args.save_every, command=command,
-                            device=_device(args.device))
+                            device=context.resolve_device(args.device))
     print(f"digits-ddpm written to {out}")
 
 
@@ -68,7 +61,7 @@ def _generator_kwargs(args):
     GENERATORS.get(args.generator)  # a misspelt name fails first, with suggestions
     # None: the generator's own default (digits-ddpm: 20 steps, guidance 2; Stable Diffusion: 50, 7.5)
     common = {k: v for k, v in {"steps": args.steps, "guidance": args.guidance}.items() if v is not None}
-    common.update(device=_device(args.device), batch_size=args.batch_size)
+    common.update(device=context.resolve_device(args.device), batch_size=args.batch_size)
     if args.generator in ("digits-ddpm", "img2img"):
         common["strength"] = args.strength
     if args.generator == "digits-ddpm":
@@ -87,7 +80,8 @@ def _captioner(args):
     from .generate.captioners import create_captioner
     if not args.captioner_model:
         raise ValueError("strategy 'captions' needs --captioner-model (a local BLIP folder or cached hub id)")
-    return create_captioner(args.captioner, model=args.captioner_model, device=_device(args.device))
+    return create_captioner(args.captioner, model=args.captioner_model,
+                            device=context.resolve_device(args.device))
 
 
 def _clip_filter(args):
@@ -98,7 +92,7 @@ def _clip_filter(args):
         return None
     from .generate.filters import ClipScorer
     from .generate.runner import ClipFilter
-    return ClipFilter(ClipScorer(args.clip_model, device=_device(args.device)), args.clip_threshold,
+    return ClipFilter(ClipScorer(args.clip_model, device=context.resolve_device(args.device)), args.clip_threshold,
                       args.clip_top_k)
 
 
@@ -272,7 +266,9 @@ def cmd_train(args):
                          warmup_epochs=args.warmup_epochs, milestones=tuple(args.milestones), gamma=args.gamma,
                          label_smoothing=args.label_smoothing, augmentation=args.augmentation, flip=args.flip,
                          amp=args.amp, channels_last=not args.no_channels_last, input_size=args.input_size,
-                         workers=args.workers, seed=args.seed, pretrained=args.pretrained, config_file=args.config)
+                         workers=args.workers, seed=args.seed, pretrained=args.pretrained, config_file=args.config,
+                         crop_scale=tuple(args.crop_scale), crop_ratio=tuple(args.crop_ratio),
+                         interpolation=args.interpolation)
     # names, recipe and weights checked before any image is read (an ImageNet folder scan takes minutes)
     config.resolved()
     check_model_name(args.model)
@@ -284,9 +280,9 @@ def cmd_train(args):
     data, info = build_training_set(real, args.generated, args.ratio, seed=args.seed, mode=args.mode,
                                     fraction=args.fraction, limit=args.limit, max_corrupt=args.max_corrupt,
                                     stream=stream)
-    rows = train(data, args.out, config, device=_device(args.device), data_info=info, resume=args.resume,
-                 force=args.force)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+    rows = train(data, args.out, config, device=context.resolve_device(args.device), data_info=info,
+                 resume=args.resume, force=args.force)
+    if context.is_main():  # under torchrun, one line from rank 0
         print(f"trained {args.model} on {info['label']} ({len(data)} images): final train acc "
               f"{rows[-1]['train_acc']:.3f}; checkpoint in {args.out}")
 
@@ -299,9 +295,9 @@ def cmd_evaluate(args):
                                                             if k not in ("func", "argv")}},
                  name=f"{results.stem}.evaluate.yaml")
     for ck in args.checkpoints:
-        rows = evaluate(ck, args.eval_sets, results, device=_device(args.device), force=args.force,
+        rows = evaluate(ck, args.eval_sets, results, device=context.resolve_device(args.device), force=args.force,
                         data_root=args.data_root, batch_size=args.batch_size, workers=args.workers,
-                        folder_id_set=args.id_set)
+                        folder_id_set=args.id_set, max_corrupt=args.max_corrupt)
         for r in rows:
             subset = "" if r["class_subset"] == "all" else f" on {r['class_subset']} classes"
             print(f"{r['model']:20s} {r['eval_set']:24s} {100 * r['value']:6.2f}%  (n={r['n']}{subset})")
@@ -359,7 +355,7 @@ def cmd_quickstart(args):
     from .study import quickstart
     quickstart(args.out, per_class=args.per_class, ratio=args.ratio, epochs=args.epochs, model=args.model,
                seed=args.seed, generator_path=args.generator_path, steps=args.steps, guidance=args.guidance,
-               eta=args.eta, device=_device(args.device), baseline=args.baseline)
+               eta=args.eta, device=context.resolve_device(args.device), baseline=args.baseline)
     out = pathlib.Path(args.out)
     print(f"results: {out / 'results.jsonl'}\nreport:  {out / 'report.md'} and {out / 'report.html'}")
 
@@ -368,14 +364,15 @@ def cmd_study(args):
     from .study import load_study, run_one_cell, run_study
     cfg = load_study(args.config)
     if args.worker:  # a long-lived worker of a study run: the cells named on stdin
-        from .study_jobs import serve
-        serve(cfg, args.out, device=_device(args.device), progress=not args.quiet)
+        from .study.workers import serve
+        serve(cfg, args.out, device=context.resolve_device(args.device), progress=not args.quiet)
         return
     if args.cell_index is not None:  # a child process of a study run: one cell, nothing else
-        run_one_cell(cfg, args.out, args.cell_index, device=_device(args.device), progress=not args.quiet)
+        run_one_cell(cfg, args.out, args.cell_index, device=context.resolve_device(args.device),
+                     progress=not args.quiet)
         return
-    done = run_study(cfg, args.out, cells=args.cells, dry_run=args.dry_run, device=_device(args.device),
-                     progress=not args.quiet, jobs=args.jobs)
+    done = run_study(cfg, args.out, cells=args.cells, dry_run=args.dry_run,
+                     device=context.resolve_device(args.device), progress=not args.quiet, jobs=args.jobs)
     if args.dry_run:
         return
     print(f"{len(done['ran'])} cells run" + (f", {len(done['skipped'])} waiting on another --cells slice"
@@ -386,8 +383,8 @@ def cmd_study(args):
 
 
 def cmd_baselines_train(args):
-    from .baselines import train_zoo
-    summary = train_zoo(args.suite, args.out, device=_device(args.device), seed=args.seed,
+    from .study.baselines import train_zoo
+    summary = train_zoo(args.suite, args.out, device=context.resolve_device(args.device), seed=args.seed,
                         progress=not args.quiet)
     for m in summary:
         acc = "–" if m["id_accuracy"] is None else f"{100 * m['id_accuracy']:.1f}%"
@@ -398,7 +395,7 @@ def cmd_baselines_train(args):
 
 
 def cmd_baselines_list(args):
-    from .baselines import SUITES
+    from .study.baselines import SUITES
     for name, spec in SUITES.items():
         print(f"{name}: {len(spec['members'])} models on {spec['real']}")
         for m in spec["members"]:
@@ -413,7 +410,9 @@ def _nonneg_float(text):
 
 
 def _add_device(p):
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...; auto = cuda if available")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:1, ...; auto = cuda if available; under torchrun or accelerate launch, "
+                        "auto and cuda mean cuda:LOCAL_RANK")
 
 
 def _add_sampling(p, steps=20, guidance=2.0):
@@ -495,8 +494,8 @@ def build_parser():
                    help="score every image with this CLIP model (local folder or cached hub id); recorded")
     g.add_argument("--clip-threshold", type=float, default=None,
                    help="retry images whose CLIP score is below this (like blank ones)")
-    g.add_argument("--clip-top-k", type=int, default=None,
-                   help="keep the k best-scoring images per class in the manifest")
+    g.add_argument("--clip-top-k", type=cli_finetune.positive_int, default=None,
+                   help="keep the k best-scoring images per class in the manifest (k >= 1; omit it to keep all)")
     g.add_argument("--captioner", default="blip", help="captioner for the captions strategy")
     g.add_argument("--captioner-model", default=None, help="local BLIP folder or cached hub id")
     _add_device(g)
@@ -534,8 +533,16 @@ def build_parser():
                    help="decode ImageFolders from disk while training (auto: when too large for memory or of "
                         "mixed image sizes) rather than load them into memory")
     t.add_argument("--input-size", type=int, default=None,
-                   help="streamed images are resized to this (default: the model's own input size)")
-    t.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1) - 1),
+                   help="streamed images are cropped to this (default: the model's own input size)")
+    t.add_argument("--crop-scale", type=float, nargs="+", default=[0.08, 1.0], metavar="F",
+                   help="streamed images: MIN MAX area fraction of the random resized crop of the full image")
+    t.add_argument("--crop-ratio", type=float, nargs="+", default=[3 / 4, 4 / 3], metavar="R",
+                   help="streamed images: MIN MAX aspect ratio (w/h) of the random resized crop")
+    t.add_argument("--interpolation", default=None,
+                   choices=["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random"],
+                   help="streamed images: resampling filter of the crop (default: the model's own, timm config)")
+    # the CPUs this process may use (affinity, cgroup, Slurm), shared by the ranks of a node
+    t.add_argument("--workers", type=int, default=max(1, context.default_workers()),
                    help="DataLoader workers decoding streamed images")
     t.add_argument("--model", default="resnet10t", help="timm model name")
     t.add_argument("--pretrained", default=None, metavar="PATH",
@@ -584,7 +591,10 @@ def build_parser():
     e.add_argument("--id-set", default=None,
                    help="in-distribution counterpart of imagefolder: sets, e.g. digits-mnist/test")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1,
+    e.add_argument("--max-corrupt", type=float, default=0.01,
+                   help="fraction of unreadable images per folder set skipped (counted in the row's "
+                        "`unreadable`) rather than an error")
+    e.add_argument("--workers", type=int, default=context.default_workers(),
                    help="DataLoader workers decoding folder sets")
     _add_device(e)
     e.set_defaults(func=cmd_evaluate)
@@ -596,7 +606,8 @@ def build_parser():
                     help="'testbed' (published accuracies of standard ImageNet models) or the results.jsonl "
                          "of baseline models (e.g. a digits baseline zoo)")
     rb.add_argument("--reference", default=None, help="model name for relative robustness (e.g. the real-only)")
-    rb.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% interval")
+    rb.add_argument("--bootstrap", type=cli_finetune.positive_int, default=1000,
+                    help="bootstrap resamples for the 95%% interval")
     rb.add_argument("--seed", type=int, default=0)
     rb.add_argument("--out", default=None, help="results file receiving the ER rows (default: the first)")
     rb.set_defaults(func=cmd_robustness)

@@ -1,11 +1,7 @@
 """`genrobust generator finetune` and `genrobust generate stats`."""
 import shlex
 
-
-def _device(name):
-    from .cli import _device as resolve  # imported when called: cli imports this module
-
-    return resolve(name)
+from . import context
 
 
 def positive_int(text):
@@ -19,8 +15,6 @@ def positive_int(text):
 
 
 def cmd_finetune(args):
-    import os
-
     from .finetune import finetune
 
     if args.generator_path is not None and args.generator != "digits-ddpm":
@@ -34,8 +28,8 @@ def cmd_finetune(args):
                    grad_accum=args.grad_accum, grad_checkpointing=args.grad_checkpointing or None,
                    mixed_precision=args.mixed_precision, ema=args.ema, ema_decay=args.ema_decay, warmup=args.warmup,
                    prompt=args.prompt, resolution=args.resolution, save_every=args.save_every, workers=args.workers,
-                   device=_device(args.device), progress=not args.quiet, command=command)
-    if os.environ.get("RANK", "0") == "0":
+                   device=context.resolve_device(args.device), progress=not args.quiet, command=command)
+    if context.is_main():
         print(f"fine-tuned {args.generator} written to {out}")
 
 
@@ -88,7 +82,8 @@ def add_finetune_parser(gsub, fmt, add_device):
                    help="text2img training size in pixels; None: the model's native size")
     f.add_argument("--save-every", type=positive_int, default=None,
                    help="checkpoint every N steps; None: text2img 500, digits-ddpm 200")
-    f.add_argument("--workers", type=int, default=None, help="text2img: DataLoader workers decoding images; None: 4")
+    f.add_argument("--workers", type=int, default=None,
+                   help="text2img: DataLoader workers decoding images; None: this process's CPUs less one, at most 4")
     f.add_argument("--quiet", action="store_true", help="no progress bars")
     add_device(f)
     f.set_defaults(func=cmd_finetune)
@@ -115,7 +110,8 @@ def cmd_stats(args):
     from .generate.stats import folder_stats
 
     result = folder_stats(args.folder, real=args.real, classifier=args.classifier, embedder=args.embedder,
-                          embedder_weights=args.embedder_weights, metric=args.metric, device=_device(args.device),
+                          embedder_weights=args.embedder_weights, metric=args.metric,
+                          device=context.resolve_device(args.device),
                           batch_size=args.batch_size, out=args.out)
     print(_table(result))
     print(f"written to {result['path']}")

@@ -61,12 +61,12 @@ def _overrides(args):
 
 
 def cmd_build(args):
-    from .cli import _device
+    from .context import resolve_device
     from .testset import build, spec
 
     base = spec.read_from(args.from_ or [])
     card, built = build(args.name, args.version, spec.merge(base, _overrides(args)), root=args.root,
-                        device=_device(args.device), progress=not args.quiet)
+                        device=resolve_device(args.device), progress=not args.quiet)
     root = pathlib.Path(args.root) if args.root else _root()
     if card is None:
         print("this process's share is generated; rank 0 assembles the version")
@@ -120,13 +120,13 @@ def cmd_diff(args):
 
 
 def cmd_evaluate(args):
-    from .cli import _device
+    from .context import resolve_device
     from .study import write_config
     from .testset import bench
 
     classes = bench.read_class_list(args.timm_classes) if args.timm_classes else None
     entries, out = bench.benchmark(args.ref, args.models, out=args.out, real=args.real, root=args.root,
-                                   device=_device(args.device), data_root=args.data_root,
+                                   device=resolve_device(args.device), data_root=args.data_root,
                                    batch_size=args.batch_size, workers=args.workers, force=args.force,
                                    timm_classes=classes, progress=not args.quiet)
     write_config(out, {"command": "testset evaluate", **{k: v for k, v in vars(args).items()
@@ -139,8 +139,7 @@ def cmd_export(args):
     from .testset import export
 
     out = export(args.ref, args.out, root=args.root)
-    print(f"exported to {out}; load it with datasets.load_dataset(\"imagefolder\", data_dir=\"{out}\", "
-          "split=\"train\") or genrobust.load_testset")
+    print(f"exported to {out}; load it with datasets.load_dataset(\"{out}\")[\"test\"] or genrobust.load_testset")
 
 
 def cmd_list(args):

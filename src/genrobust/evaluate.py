@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import os
 import pathlib
 from dataclasses import dataclass
 
@@ -54,7 +55,8 @@ class EvalSet:
     folders: tuple = None
     classes: tuple = None
     targets: tuple = None
-    border: int = 0  # pixels cropped from every side before resizing (ObjectNet's 1-pixel red frame)
+    border: int = 0  # pixels cropped from every side before resizing (ObjectNet: 2, which removes the thin red
+    # frame its images carry with a pixel to spare)
     id_set: str = None
     metric: str = "top1"
 
@@ -249,7 +251,7 @@ REQUIRED = ("model", "eval_set", "metric", "value")
 KNOWN = frozenset(REQUIRED + (
     "checkpoint", "train_data", "augmentation", "seed", "role", "n", "class_subset", "num_classes", "id_set",
     "missing_classes", "ci_low", "ci_high", "id_value", "shift_value", "predicted", "baseline", "baseline_n",
-    "slope", "intercept", "reference"))
+    "slope", "intercept", "reference", "unreadable"))
 
 
 def read_results(path):
@@ -286,37 +288,63 @@ def check_rows(rows):
 # --- loading images ----------------------------------------------------------------------------------------
 
 class FolderImages(torch.utils.data.Dataset):
-    """Images of a folder eval set, decoded in DataLoader workers into uint8 tensors at the model's size."""
+    """Images of a folder eval set, decoded in DataLoader workers into uint8 tensors at the model's size: timm's
+    eval transform (shorter side to size / crop_pct, centre crop; data/decode.py), after `border` pixels trimmed.
 
-    def __init__(self, files, labels, channels, size, crop_pct=0.875, border=0):
-        self.files, self.labels = files, labels
+    The loader asks for whole batches and gets `(images, labels, unreadable files)`: a file that fails to decode
+    is left out of its batch and named, never a crash in a worker.
+    """
+
+    def __init__(self, files, labels, channels, size, crop_pct=0.875, border=0, interpolation="bicubic"):
+        from .train import _path_array
+
+        self.files, self.labels = _path_array(files), labels
         self.channels, self.size, self.crop_pct, self.border = channels, tuple(size), crop_pct, border
+        self.interpolation = interpolation
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        import numpy as np
-        from PIL import Image
+        from .data import decode
 
-        with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-        if self.border:
-            b = self.border
-            im = im.crop((b, b, im.width - b, im.height - b))
-        if (im.height, im.width) != self.size:
-            im = _resize_center_crop(im, self.size, self.crop_pct)
-        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        return (a[None] if a.ndim == 2 else a.permute(2, 0, 1)), self.labels[i]
+        mode = "L" if self.channels == 1 else "RGB"
+        x = decode.eval_image(os.fsdecode(self.files[i]), self.size, mode, self.crop_pct, self.interpolation,
+                              self.border)
+        return x, self.labels[i]
+
+    def __getitems__(self, indices):
+        images, labels, bad = [], [], []
+        for i in indices:
+            try:
+                x, y = self[i]
+            except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unreadable
+                bad.append((os.fsdecode(self.files[i]), " ".join(f"{e.__class__.__name__}: {e}".split())[:200]))
+                continue
+            images.append(x)
+            labels.append(int(y))
+        c, (h, w) = self.channels, self.size
+        x = torch.stack(images) if images else torch.empty(0, c, h, w, dtype=torch.uint8)
+        return x, torch.tensor(labels, dtype=torch.long), bad
 
 
-def _resize_center_crop(im, size, crop_pct):
-    from PIL import Image
-    h, w = size
-    scale = max(h, w) / crop_pct / min(im.height, im.width)
-    im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BICUBIC)
-    left, top = (im.width - w) // 2, (im.height - h) // 2
-    return im.crop((left, top, left + w, top + h))
+def _whole_batch(batch):
+    return batch  # FolderImages.__getitems__ returns the batch already stacked
+
+
+def _readable(loader, name, total, max_corrupt, unreadable):
+    """The loader's (images, labels), each unreadable file logged once and collected into `unreadable`; more than
+    `max_corrupt` of the set is an error naming them."""
+    for x, y, bad in loader:
+        for path, why in bad:
+            logger.warning("%s: unreadable image %s (%s): not scored", name, path, why)
+            unreadable.append(path)
+        if len(unreadable) > max_corrupt * total:
+            raise ValueError(f"{name}: {len(unreadable)} of its {total} images are unreadable (more than the "
+                             f"--max-corrupt {max_corrupt:g} allows), e.g. {', '.join(unreadable[:5])}: delete or "
+                             "replace them, or raise --max-corrupt")
+        if len(y):
+            yield x, y
 
 
 def list_folder_images(s, data_root):
@@ -350,16 +378,34 @@ def infer(model, batches, device, channels):
     mean, std = (t.to(device) for t in normalization(model, channels))
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    outs, labels = [], []
+    logits, labels, n = None, None, 0
     for x, y in batches:
         x = x.to(device, non_blocking=True).float().div_(255)
         x = (x - mean) / std
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", enabled=cuda):
-            outs.append(model(x).float().cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(outs), torch.cat(labels)
+            out = model(x).float().cpu()
+        if logits is None or n + len(out) > len(logits):
+            # One buffer grown by doubling, not a small tensor kept per batch: those, interleaved with each
+            # batch's large transient tensors, fragment glibc's heap (+270 MB over 782 batches of 64 in
+            # bench/bench_stream.py; flat with the buffer)
+            cap = max(4096, 2 * (n + len(out)))
+            logits = _grown(logits, n, (cap, out.shape[1]), out.dtype)
+            labels = _grown(labels, n, (cap,), torch.long)
+        logits[n:n + len(out)] = out
+        labels[n:n + len(out)] = torch.as_tensor(y)
+        n += len(out)
+    if logits is None:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return logits[:n].clone(), labels[:n].clone()
+
+
+def _grown(buffer, n, shape, dtype):
+    new = torch.empty(shape, dtype=dtype)
+    if buffer is not None:
+        new[:n] = buffer[:n]
+    return new
 
 
 def _memory_batches(images, labels, batch_size):
@@ -370,9 +416,12 @@ def _memory_batches(images, labels, batch_size):
 class Scorer:
     """Loads each eval set at most once per checkpoint and keeps its logits for the subsets scored on it."""
 
-    def __init__(self, model, cfg, data_root, device, batch_size, workers):
+    def __init__(self, model, cfg, data_root, device, batch_size, workers, max_corrupt=0.01):
+        from . import context
+
         self.model, self.cfg, self.data_root = model, cfg, data_root
-        self.device, self.batch_size, self.workers = device, batch_size, workers
+        self.device, self.batch_size, self.max_corrupt = device, batch_size, max_corrupt
+        self.workers = context.default_workers() if workers is None else workers
         self.cache = {}
 
     def logits(self, s):
@@ -390,21 +439,36 @@ class Scorer:
                                  f"on {(channels, *size)}")
             logits, labels = infer(self.model, _memory_batches(data.images, data.labels, self.batch_size),
                                    self.device, channels)
-            return logits, labels, []
+            return logits, labels, [], []
         files, labels, missing = list_folder_images(s, self.data_root)
-        crop_pct = _crop_pct(self.model)
+        crop_pct, interpolation = _preprocessing(self.model, self.cfg)
+        # one pass per set: a loader per set, so persistent workers would only idle
         loader = torch.utils.data.DataLoader(
-            FolderImages(files, labels, channels, size, crop_pct, s.border), batch_size=self.batch_size,
-            num_workers=self.workers, pin_memory=str(self.device).startswith("cuda"))
+            FolderImages(files, labels, channels, size, crop_pct, s.border, interpolation),
+            batch_size=self.batch_size, num_workers=self.workers, collate_fn=_whole_batch,
+            pin_memory=str(self.device).startswith("cuda"), prefetch_factor=4 if self.workers > 0 else None)
         from tqdm.auto import tqdm
-        logits, labels = infer(self.model, tqdm(loader, desc=f"score {s.name}", leave=False,
-                                                disable=len(loader) < 5), self.device, channels)
-        return logits, labels, missing
+        unreadable = []
+        batches = _readable(tqdm(loader, desc=f"score {s.name}", leave=False, disable=len(loader) < 5), s.name,
+                            len(files), self.max_corrupt, unreadable)
+        logits, labels = infer(self.model, batches, self.device, channels)
+        return logits, labels, missing, unreadable
 
 
 def _crop_pct(model):
     import timm.data
     return timm.data.resolve_model_data_config(model).get("crop_pct", 0.875)
+
+
+def _preprocessing(model, cfg):
+    """(crop_pct, interpolation) of the eval transform: the model's own (timm data config), the filter the
+    checkpoint trained with where its recipe set one (as timm's train script evaluates)."""
+    import timm.data
+    data_cfg = timm.data.resolve_model_data_config(model)
+    interpolation = cfg.get("interpolation") or data_cfg.get("interpolation", "bicubic")
+    if interpolation == "random":  # a training-time choice; evaluate with one fixed filter, as timm does
+        interpolation = "bicubic"
+    return data_cfg.get("crop_pct", 0.875), interpolation
 
 
 def table_classes(s, data_root):
@@ -417,26 +481,30 @@ def table_classes(s, data_root):
 
 
 def evaluate(checkpoint, eval_sets, results, device="cpu", force=False, model_name=None, data_root=None,
-             batch_size=256, workers=0, folder_id_set=None):
+             batch_size=256, workers=None, folder_id_set=None, max_corrupt=0.01):
     """Score a checkpoint on eval sets; append one row per (checkpoint, eval set, class subset) to `results`.
 
     Args:
         eval_sets: names or suites; `imagefolder:PATH` for any folder.
         data_root: the folder holding the ImageNet-family sets (README, 'Evaluation data').
-        workers: DataLoader workers decoding folder sets.
+        workers: DataLoader workers decoding folder sets (None: context.default_workers()).
+        max_corrupt: fraction of a folder set's images that may be unreadable: they are skipped, named in a
+            warning and counted in the row's `unreadable`; more is an error.
         folder_id_set: the in-distribution counterpart of `imagefolder:` sets (e.g. digits-mnist/test).
     For each shift, the set's in-distribution counterpart is scored on the same classes (role `id`). Pairs
     already in `results` are skipped unless `force`. Returns the new rows.
     """
+    from .context import resolve_device
     from .train import load_checkpoint
 
+    device = resolve_device(device)  # under torchrun, "cuda" is this rank's GPU
     checkpoint, results = pathlib.Path(checkpoint), pathlib.Path(results)
     sets = [create_eval_set(n, folder_id_set) for n in resolve_eval_sets(eval_sets)]
     old = read_results(results)
     done = {(r.get("checkpoint"), r["eval_set"], _subset_key(r.get("class_subset", "all"))) for r in old}
     model, cfg, model_classes = load_checkpoint(checkpoint, device)
     info = _data_info(checkpoint)
-    scorer = Scorer(model, cfg, data_root, device, batch_size, workers)
+    scorer = Scorer(model, cfg, data_root, device, batch_size, workers, max_corrupt)
     base = {"model": model_name or checkpoint.name, "checkpoint": str(checkpoint),
             "train_data": info.get("label", info.get("name")), "augmentation": cfg.get("augmentation"),
             "seed": cfg.get("seed")}
@@ -473,7 +541,7 @@ def _id_row(base, s, plan, scorer, model_classes, data_root, done, rows, force):
     return [result_row(base, ids, id_plan, *logits)]
 
 
-def result_row(base, s, plan, logits, labels, missing):
+def result_row(base, s, plan, logits, labels, missing, unreadable=()):
     correct, n = score(logits, labels, plan)
     if n == 0:
         raise ValueError(f"{s.name}: none of its images belong to the classes shared with the checkpoint")
@@ -481,6 +549,8 @@ def result_row(base, s, plan, logits, labels, missing):
            "n": n, "class_subset": plan.subset, "num_classes": int(plan.mask.sum()), "id_set": s.id_set}
     if missing:
         row["missing_classes"] = len(missing)
+    if unreadable:  # skipped, so not in n
+        row["unreadable"] = len(unreadable)
     logger.info("%s on %s (%s): %.2f%%", base["model"], s.name, plan.subset, 100 * correct / n)
     return row
 

@@ -32,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import context
 from .data.folder import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ def finetune(generator, dataset, out, *, model=None, steps=None, lr=None, batch_
         mixed_precision=mixed_precision or "auto", ema=bool(ema), ema_decay=ema_decay or TEXT2IMG["ema_decay"],
         warmup=TEXT2IMG["warmup"] if warmup is None else warmup, prompt=prompt or TEXT2IMG["prompt"],
         resolution=resolution, save_every=save_every or TEXT2IMG["save_every"],
-        workers=4 if workers is None else workers, device=device, progress=progress, command=command,
-        callback=callback)
+        workers=context.default_workers(cap=4) if workers is None else workers, device=device, progress=progress,
+        command=command, callback=callback)
 
 
 # --- the output folder: start, resume, or return it complete -------------------------------------------------
@@ -191,6 +192,7 @@ def finetune_digits(out, dataset="digits-mnist/train", steps=DIGITS["steps"], lr
     """
     from .generate import digits_ddpm
 
+    device = context.resolve_device(device)  # under torchrun, "cuda" is this rank's GPU
     out = pathlib.Path(out)
     base_path, base_name, revision = _base_digits(base)
     record = {"generator": "digits-ddpm", "base": base_name, "base_revision": revision, "dataset": dataset,
@@ -312,6 +314,7 @@ class _Plan:
         self.args, self.start, self.stop, self._plan = (n, batch_size, seed), start, stop, epoch_plan
         self.rank, self.world = rank, world
         self.per_epoch = len(epoch_plan(n, batch_size, seed, 0, rank, world))
+        self.with_epoch = False  # streamed images are asked for as (epoch, indices): train.StreamingImages
 
     def __len__(self):
         return self.stop - self.start
@@ -322,18 +325,35 @@ class _Plan:
             if k // self.per_epoch != epoch:
                 epoch = k // self.per_epoch
                 plan = self._plan(*self.args, epoch, self.rank, self.world)
-            yield plan[k % self.per_epoch][0].tolist()
+            idx = plan[k % self.per_epoch][0].tolist()
+            yield (epoch, idx) if self.with_epoch else idx
 
 
 def _loader(data, size, plan, workers):
-    from .train import StreamingImages
+    from .train import StreamingImages, _whole_batch
 
     if hasattr(data, "images"):
-        dataset = _MemoryImages(data, size)
-    else:
-        dataset = StreamingImages(data.files, data.labels, 3, size, interpolation="bicubic")
-    return torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=workers,
-                                       prefetch_factor=4 if workers > 0 else None)
+        return torch.utils.data.DataLoader(_MemoryImages(data, size), batch_sampler=plan, num_workers=workers,
+                                           prefetch_factor=4 if workers > 0 else None)
+    # a generator learns whole images: the shorter side resized to the resolution and centre-cropped (the eval
+    # transform at crop_pct 1), not the classifier's random resized crops
+    dataset = StreamingImages(data.files, data.labels, 3, size, interpolation="bicubic", train=False, crop_pct=1.0,
+                              max_corrupt=getattr(data, "max_corrupt", 0.01))
+    plan.with_epoch = True
+    batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=workers,
+                                          collate_fn=_whole_batch, prefetch_factor=4 if workers > 0 else None)
+    return _named_skips(batches)
+
+
+def _named_skips(batches):
+    """(images, labels) batches; files replaced because they would not decode are logged by name."""
+    seen = set()
+    for images, labels, skipped in batches:
+        for path, why in skipped:
+            if path not in seen:
+                seen.add(path)
+                logger.warning("unreadable image %s (%s); fine-tuning on the next image instead", path, why)
+        yield images, labels
 
 
 @torch.no_grad()
@@ -530,6 +550,11 @@ def finetune_text2img(model, dataset, out, *, steps=None, lr=1e-5, batch_size=16
 
     out = pathlib.Path(out)
     _check_text2img_args(mode, steps, lr, batch_size, grad_accum, prompt, save_every, warmup)
+    device = context.resolve_device(device)
+    if torch.device(device).type == "cuda":
+        # Accelerator puts a launched rank on cuda:LOCAL_RANK (as resolve_device did) but a single process on
+        # the current device: make that the one asked for
+        torch.cuda.set_device(device)
     precision = _resolve_precision(mixed_precision, device)
     data, spec = _load_data(dataset)
     pipe = load_base(model, revision=revision)

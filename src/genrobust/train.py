@@ -2,13 +2,15 @@
 one metrics row per epoch, a checkpoint every epoch that `resume` continues from, and DDP under torchrun.
 
 Two input paths, one loop. An `ImageSet` (uint8 in memory: the digits world) is indexed batch by batch; a
-`FileSet` (an ImageFolder too large for memory) is decoded and resized to the model's input size by DataLoader
-workers (`StreamingImages`). Either way a batch reaches the device as uint8 and is augmented there.
+`FileSet` (an ImageFolder too large for memory) is decoded by DataLoader workers (`StreamingImages`), which crop
+each full image at random as timm's ImageNet recipe does and flip it. Either way a batch reaches the device as
+uint8 and is augmented there (streamed batches without a second crop).
 
 Checkpoint folder (DESIGN.md): `config.yaml` (the resolved config), `classes.json` and `data.json` at the start;
 `metrics.csv` and `checkpoints/epoch-NNNN/` (weights and training state; only the last epoch's is kept) after
-every epoch; at the end `model.safetensors`, then `complete.json`. A folder holding `model.safetensors` and
-`complete.json` is a complete checkpoint; the epoch folders are removed then.
+every epoch, and `skipped.txt` when streamed files could not be decoded; at the end `model.safetensors`, then
+`complete.json`. A folder holding `model.safetensors` and `complete.json` is a complete checkpoint; the epoch
+folders are removed then.
 """
 import csv
 import dataclasses
@@ -25,6 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import context
 from .augment import create_augmentation
 from .data.folder import atomic_write_text
 
@@ -40,6 +43,9 @@ OPTIMIZER_DEFAULTS = {"sgd": {"lr": 0.1, "weight_decay": 5e-4}, "adamw": {"lr": 
 # Fields that change how fast a run goes or record where its recipe came from, but not what it computes: a
 # resume may change them.
 RUNTIME_FIELDS = ("workers", "config_file")
+# Recipe fields newer than some checkpoints: a config.yaml without one was trained with this value.
+ADDED_FIELDS = {"crop_scale": [0.08, 1.0], "crop_ratio": [3 / 4, 4 / 3], "interpolation": None}
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "random")
 # Weight files looked for in a --pretrained folder, in this order (the names timm's hub format saves).
 PRETRAINED_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -62,17 +68,22 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augmentation: str = "standard"
     flip: bool = False  # horizontal flips in the augmentation (not for digits)
+    # Streamed (ImageFolder) data only: timm's RandomResizedCrop of the full decoded image, in the workers
+    crop_scale: tuple = (0.08, 1.0)  # area fraction of the crop
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio (w / h) of the crop
+    interpolation: str = None  # resampling filter (bilinear, bicubic, ...); None: the model's own (timm config)
     amp: str = "auto"  # auto (bf16 where supported, else fp16) | bf16 | fp16 | none; CUDA only
     channels_last: bool = True  # CUDA only
-    input_size: int = None  # streamed images are resized to it; None: the model's own (timm data config)
-    workers: int = 4  # DataLoader workers decoding streamed images
+    input_size: int = None  # streamed images are cropped to it; None: the model's own (timm data config)
+    workers: int = None  # DataLoader workers decoding streamed images; None: context.default_workers()
     seed: int = 0
     pretrained: str = None  # local timm weights to start from (see `create_classifier`); None: random init
     config_file: str = None  # the YAML recipe (`train --config`) these values came from: a record only
 
     def to_dict(self):
         d = dataclasses.asdict(self)
-        d["milestones"] = list(d["milestones"])
+        for k in ("milestones", "crop_scale", "crop_ratio"):
+            d[k] = list(d[k]) if isinstance(d[k], (tuple, list)) else d[k]
         return d
 
     def resolved(self):
@@ -86,14 +97,26 @@ class TrainConfig:
                   (self.lr is None or self.lr > 0, "lr must be > 0"),
                   (self.weight_decay is None or self.weight_decay >= 0, "weight decay must be >= 0"),
                   (all(0 < m < 1 for m in self.milestones), "step milestones must be fractions in (0, 1)"),
-                  (self.input_size is None or self.input_size >= 8, "input size must be >= 8")]
+                  (self.input_size is None or self.input_size >= 8, "input size must be >= 8"),
+                  (_pair(self.crop_scale) and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                   "crop scale must be two area fractions 0 < min <= max <= 1"),
+                  (_pair(self.crop_ratio) and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+                   "crop ratio must be two aspect ratios 0 < min <= max"),
+                  (self.interpolation is None or self.interpolation in INTERPOLATIONS,
+                   f"interpolation must be one of {', '.join(INTERPOLATIONS)}"),
+                  (self.workers is None or self.workers >= 0, "workers must be >= 0")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"bad training config: {msg} (got {self.to_dict()})")
         defaults = OPTIMIZER_DEFAULTS[self.optimizer]
         return dataclasses.replace(self, lr=self.lr if self.lr is not None else defaults["lr"],
                                    weight_decay=self.weight_decay if self.weight_decay is not None
-                                   else defaults["weight_decay"], milestones=tuple(self.milestones))
+                                   else defaults["weight_decay"], milestones=tuple(self.milestones),
+                                   crop_scale=tuple(self.crop_scale), crop_ratio=tuple(self.crop_ratio))
+
+
+def _pair(v):
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)
 
 
 def check_model_name(name):
@@ -182,10 +205,14 @@ _lr_at = lr_at  # the name tests and older code use
 
 
 def _param_groups(model, weight_decay):
-    # No weight decay on norms and biases: decaying them only hurts.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """timm's parameter groups, as its recipes use them: no weight decay on norms and biases (1-d), nor on what
+    the model lists in `no_weight_decay()` (a ViT's position embedding and class token), which decay only hurts."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    no_decay, decay = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    # decayed group first, as checkpoints of earlier versions store the optimizer state: they still resume
+    return [decay, no_decay]
 
 
 def _optimizer(model, cfg):
@@ -243,7 +270,7 @@ class _InMemory:
             images, labels = images.to(device), labels.to(device)
         self.images, self.labels, self.device = images, labels, device
 
-    def __call__(self, plan):
+    def __call__(self, plan, epoch=0):
         for idx, n in plan:
             idx = idx.to(self.images.device)
             yield (self.images[idx].to(self.device, non_blocking=True),
@@ -254,76 +281,138 @@ class _InMemory:
 
 
 class StreamingImages(torch.utils.data.Dataset):
-    """Images on disk, decoded and resized in DataLoader workers to uint8 `C x H x W` at the model's size.
+    """Images on disk, decoded in DataLoader workers into uint8 `C x H x W` batches at the model's size.
 
-    The shorter side is resized to the target and the centre cropped (the batch augmentation crops at
-    random afterwards). A file that fails to decode mid-run is replaced by the next one, with a warning:
-    a long run does not die on one bad JPEG (the folder scan before training rejects folders with many).
+    Training (`train=True`): timm's ImageNet train transform on the full decoded image (a random resized crop of
+    `scale` and `ratio`, then a flip when `flip`; data/decode.py). Each sample's randomness comes from
+    (run seed, epoch, dataset index) alone, so a run gives the same crops whatever the worker count, and a
+    resumed run the same as an uninterrupted one. `train=False`: the eval transform (resize, centre crop).
+
+    The loader asks for a whole batch, `(epoch, [indices])`, and gets `(images, labels, skipped files)`. A file
+    that fails to decode is replaced by the next readable one in index order (so the batch keeps its size and
+    every rank its share) and named in `skipped`; the trainer counts those against `max_corrupt`.
     """
 
-    def __init__(self, files, labels, channels, size, interpolation="bilinear"):
-        self.files, self.labels = list(files), torch.as_tensor(labels)
+    def __init__(self, files, labels, channels, size, interpolation="bilinear", *, train=True, seed=0,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False, crop_pct=0.875, draft=True,
+                 max_corrupt=0.01):
+        self.files, self.labels = _path_array(files), torch.as_tensor(labels)
         self.channels, self.size, self.interpolation = channels, tuple(size), interpolation
+        self.train, self.seed, self.scale, self.ratio = train, seed, tuple(scale), tuple(ratio)
+        self.flip, self.crop_pct, self.draft = flip, crop_pct, draft
+        # how far to look for a readable replacement before the folder is plainly broken
+        self.tries = max(10, math.ceil(max_corrupt * len(self.files)) + 1)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        for j in range(i, i + 10):
-            path = self.files[j % len(self)]
-            try:
-                return self.decode(path), int(self.labels[j % len(self)])
-            except Exception as e:  # noqa: BLE001 - any decoder failure
-                logger.warning("unreadable image %s (%s) while training; using the next image instead",
-                               path, e.__class__.__name__)
-        raise ValueError(f"10 unreadable images in a row from {self.files[i]}; check the folder")
+        """Sample `i` of epoch 0 (or `(epoch, i)`): (image, label); a bad file is replaced as in a batch."""
+        epoch, i = i if isinstance(i, tuple) else (0, i)
+        x, y, _ = self.__getitems__((epoch, [i]))
+        return x[0], int(y[0])
 
-    def decode(self, path):
-        import numpy as np
-        from PIL import Image
+    def __getitems__(self, key):
+        epoch, indices = key
+        c, (h, w) = self.channels, self.size
+        images = torch.empty(len(indices), c, h, w, dtype=torch.uint8)
+        labels, skipped = torch.empty(len(indices), dtype=torch.long), []
+        for k, i in enumerate(indices):
+            for j in range(i, i + self.tries):
+                j %= len(self.files)
+                path = os.fsdecode(self.files[j])
+                try:
+                    images[k] = self.decode(path, derived_seed(self.seed, epoch, j, "crop"))
+                    labels[k] = self.labels[j]
+                    break
+                except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unreadable
+                    skipped.append((path, " ".join(f"{e.__class__.__name__}: {e}".split())[:200]))
+            else:
+                names = ", ".join(p for p, _ in skipped[-3:])
+                raise ValueError(f"{self.tries} unreadable images in a row (e.g. {names}); check the folder or "
+                                 "raise --max-corrupt")
+        return images, labels, skipped
 
-        h, w = self.size
+    def decode(self, path, seed=0):
+        import random
+
+        from .data import decode
+
         mode = "L" if self.channels == 1 else "RGB"
-        with Image.open(path) as im:
-            im.draft(mode, (w, h))  # JPEG: decode at the smallest 1/2^k scale still >= the target
-            im = im.convert(mode)
-        scale = max(h / im.height, w / im.width)
-        if (im.height, im.width) != (h, w):
-            resample = Image.BICUBIC if self.interpolation == "bicubic" else Image.BILINEAR
-            im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), resample)
-            left, top = (im.width - w) // 2, (im.height - h) // 2
-            im = im.crop((left, top, left + w, top + h))
-        a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-        return a[None] if a.ndim == 2 else a.permute(2, 0, 1).contiguous()
+        if not self.train:
+            return decode.eval_image(path, self.size, mode, self.crop_pct, self.interpolation)
+        return decode.train_image(path, self.size, mode, random.Random(seed), self.scale, self.ratio,
+                                  self.interpolation, self.flip, self.draft)
+
+
+def _path_array(files):
+    """Paths as one numpy bytes array: a forked worker reads it without touching a Python object per path, so
+    it shares the parent's pages rather than copying them (a list of 1.28 M str is refcounted page by page)."""
+    import numpy as np
+
+    return np.array([os.fsencode(f) for f in files], dtype=bytes)
+
+
+def _whole_batch(batch):
+    # StreamingImages.__getitems__ returns the batch already stacked
+    return batch
 
 
 class _PlanSampler:
-    """A batch sampler replaying this epoch's plan: set before each epoch, read in the main process."""
+    """A batch sampler replaying this epoch's plan as `(epoch, [indices])`: set before each epoch, read in the
+    main process, so the workers learn the epoch from the batch itself."""
 
-    plan = ()
+    plan, epoch = (), 0
 
     def __iter__(self):
-        return iter(self.plan)
+        return iter([(self.epoch, idx) for idx in self.plan])
 
     def __len__(self):
         return len(self.plan)
 
 
 class _Streamed:
-    def __init__(self, data, device, size, workers, interpolation):
-        self.device, self.sampler = device, _PlanSampler()
-        dataset = StreamingImages(data.files, data.labels, data.channels, size, interpolation)
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers, pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    """Batches of a FileSet from DataLoader workers; unreadable files are logged once each and counted, and more
+    than `max_corrupt` of the set is an error that names them."""
 
-    def __call__(self, plan):
-        self.sampler.plan = [idx.tolist() for idx, _ in plan]
-        for (x, y), (_, n) in zip(self.loader, plan):
+    def __init__(self, data, device, size, workers, interpolation, *, seed=0, scale=(0.08, 1.0),
+                 ratio=(3 / 4, 4 / 3), flip=False, max_corrupt=None, check=True):
+        self.device, self.sampler = device, _PlanSampler()
+        workers = context.default_workers() if workers is None else workers
+        self.max_corrupt = getattr(data, "max_corrupt", 0.01) if max_corrupt is None else max_corrupt
+        self.total, self.check, self.skipped = len(data), check, {}
+        dataset = StreamingImages(data.files, data.labels, data.channels, size, interpolation, seed=seed,
+                                  scale=scale, ratio=ratio, flip=flip, max_corrupt=self.max_corrupt)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=_whole_batch,
+            pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None)
+
+    def __call__(self, plan, epoch=0):
+        self.sampler.plan, self.sampler.epoch = [idx.tolist() for idx, _ in plan], epoch
+        for (x, y, skipped), (_, n) in zip(self.loader, plan):
+            self.note(skipped)
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), n
+
+    def note(self, skipped):
+        """Record unreadable files (each logged once); stop when they pass `max_corrupt` of the set."""
+        for path, why in skipped:
+            if path not in self.skipped:
+                self.skipped[path] = why
+                logger.warning("unreadable image %s (%s): skipped, the next image takes its place", path, why)
+        if self.check:
+            check_corrupt(list(self.skipped), self.total, self.max_corrupt)
 
     def close(self):
         del self.loader  # persistent workers exit with it
+
+
+def check_corrupt(bad, total, max_corrupt, what="the training set"):
+    """More than `max_corrupt` of `total` images unreadable is an error naming the first few."""
+    if len(bad) > max_corrupt * total:
+        raise ValueError(f"{len(bad)} of the {total} images in {what} are unreadable (more than the --max-corrupt "
+                         f"{max_corrupt:g} allows), e.g. {', '.join(map(str, bad[:5]))}: delete or replace them, "
+                         "or raise --max-corrupt")
 
 
 def _input_size(data, model, cfg):
@@ -343,16 +432,16 @@ def _input_size(data, model, cfg):
 # --- distributed ---------------------------------------------------------------------------------------
 
 def _distributed(device):
-    """(rank, world size, device, whether this call started the process group) from torchrun's environment
-    (RANK, WORLD_SIZE, LOCAL_RANK; `accelerate launch` sets them too): gloo on CPU, nccl on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    """(rank, world size, device, whether this call started the process group) from the process context
+    (torchrun and `accelerate launch` set RANK, WORLD_SIZE, LOCAL_RANK): gloo on CPU, nccl on CUDA."""
+    ctx = context.current(device)  # "auto"/"cuda" -> cuda:LOCAL_RANK
+    device = torch.device(ctx.device)
+    if ctx.world_size == 1:
         return 0, 1, device, False
     import torch.distributed as dist
 
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # nccl's collectives and DDP use the current device
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -384,7 +473,7 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
         data: ImageSet (uint8 images, labels, classes) or data.mixing.FileSet.
         out: checkpoint folder (see the module docstring).
         config: TrainConfig.
-        device: "cpu", "cuda", ...; under torchrun on CUDA each rank takes cuda:LOCAL_RANK.
+        device: "cpu", "cuda", "auto", ...; under torchrun "cuda" and "auto" are cuda:LOCAL_RANK.
         data_info: what the data is (sources, mode, counts), written to data.json.
         resume: continue from the last completed epoch in `out` (a run with another config is an error).
         force: train from scratch even if `out` holds a complete checkpoint.
@@ -403,7 +492,7 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
     if len(data) == 0:
         raise ValueError(f"{data.name} holds no images")
     out = pathlib.Path(out)
-    rank, world, device, started = _distributed(torch.device(device))
+    rank, world, device, started = _distributed(device)
     try:
         if len(data) < world:
             raise ValueError(f"{data.name} has {len(data)} images, fewer than the {world} processes")
@@ -411,6 +500,11 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
         torch.manual_seed(cfg.seed)
         model = create_classifier(cfg.model, len(data.classes), channels, pretrained=cfg.pretrained)
         size = _input_size(data, model, cfg)
+        streamed = not hasattr(data, "images")
+        if streamed and cfg.interpolation is None:
+            import timm.data
+            cfg = dataclasses.replace(cfg, interpolation=timm.data.resolve_model_data_config(model).get(
+                "interpolation", "bilinear"))
         record = {**cfg.to_dict(), "in_chans": int(channels), "input_size": list(size),
                   "num_classes": len(data.classes)}
         meta = {"name": data.name, "num_images": len(data), **(data_info or {})}
@@ -440,13 +534,14 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
                                "uninterrupted run exactly", state["world_size"], world)
             logger.info("resuming %s after epoch %d of %d", out, start, cfg.epochs)
         mean, std = (t.to(device) for t in normalization(model, channels))
-        augment = create_augmentation(cfg.augmentation, flip=cfg.flip)
-        if hasattr(data, "images"):
-            batches = _InMemory(data, device)
+        if streamed:
+            # the workers crop (and flip) the full image, as timm does: the batch augmentation must not crop again
+            augment = create_augmentation(cfg.augmentation, flip=cfg.flip, crop=False)
+            batches = _Streamed(data, device, size, cfg.workers, cfg.interpolation, seed=cfg.seed,
+                                scale=cfg.crop_scale, ratio=cfg.crop_ratio, flip=cfg.flip, check=world == 1)
         else:
-            import timm.data
-            interp = timm.data.resolve_model_data_config(model).get("interpolation", "bilinear")
-            batches = _Streamed(data, device, size, cfg.workers, interp)
+            augment = create_augmentation(cfg.augmentation, flip=cfg.flip)
+            batches = _InMemory(data, device)
         steps_per_epoch = len(epoch_plan(len(data), cfg.batch_size, cfg.seed, 0, rank, world))
         total, warmup = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
         # Checking the loss forces a device sync: every step on one CPU process (free), else every 50 steps.
@@ -462,7 +557,7 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
             ddp.train()
             sums, count = torch.zeros(2, dtype=torch.float64, device=device), 0  # loss sum, correct; images
             finite, first = [], step
-            inner = tqdm(batches(plan), total=len(plan), leave=False, desc=f"epoch {epoch + 1}",
+            inner = tqdm(batches(plan, epoch), total=len(plan), leave=False, desc=f"epoch {epoch + 1}",
                          disable=not progress or rank != 0 or len(plan) < 50)
             for i, (x, y, n_global) in enumerate(inner):
                 lr = lr_at(step, total, warmup, cfg.lr, cfg.schedule, cfg.milestones, cfg.gamma)
@@ -500,6 +595,8 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
                             f"{_kept(out, rows)} Lower --lr or check the data")
                     finite, first = [], step
             inner.close()
+            if streamed:
+                _skipped_files(out, batches, world, rank)
             totals = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=device)])
             loss_sum, correct, count = _all_reduce(totals, world).tolist()
             rows.append({"epoch": epoch + 1, "train_loss": round(loss_sum / count, 5),
@@ -520,6 +617,24 @@ def train(data, out, config, device="cpu", data_info=None, progress=True, resume
     finally:
         if started:
             torch.distributed.destroy_process_group()
+
+
+def _skipped_files(out, batches, world, rank):
+    """Unreadable files of all ranks, written to `skipped.txt` in the checkpoint folder (path, tab, why); more
+    than --max-corrupt of the set stops the run on every rank alike."""
+    if world > 1:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, batches.skipped)
+        for part in everyone:
+            for path, why in part.items():
+                batches.skipped.setdefault(path, why)
+    check_corrupt(sorted(batches.skipped), batches.total, batches.max_corrupt)
+    if rank == 0 and batches.skipped:
+        file = out / "skipped.txt"
+        known = dict(line.split("\t", 1) for line in file.read_text().splitlines() if "\t" in line) \
+            if file.exists() else {}
+        known.update(batches.skipped)
+        atomic_write_text(file, "".join(f"{p}\t{w}\n" for p, w in sorted(known.items())))
 
 
 def _kept(out, rows):
@@ -615,6 +730,7 @@ def _differences(out, record, classes, meta):
     import yaml
 
     old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    old = {**ADDED_FIELDS, **old}
     diffs = [f"{k} {old.get(k)!r} (now {record.get(k)!r})" for k in record
              if k not in RUNTIME_FIELDS and old.get(k) != record.get(k)]
     if (out / "classes.json").exists() and json.loads((out / "classes.json").read_text()) != classes:
@@ -656,7 +772,7 @@ def _prepare(out, record, classes, meta, resume, force, rank, world):
     _barrier(world)
     if rank == 0:
         if state is None:
-            for p in (out / COMPLETE, out / "model.safetensors", out / "metrics.csv"):
+            for p in (out / COMPLETE, out / "model.safetensors", out / "metrics.csv", out / "skipped.txt"):
                 p.unlink(missing_ok=True)
             shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)

@@ -3,29 +3,15 @@
 import hashlib
 import io
 import json
-import os
 import pathlib
 
 import numpy as np
 import torch
 
+from .files import atomic_write_bytes, atomic_write_text, read_jsonl, write_jsonl  # noqa: F401 - re-exported
 from .imageset import ImageSet
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def atomic_write_bytes(path, data):
-    """Write to a temp file beside `path`, then rename: a killed writer never leaves a half file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())
+from .listing import IMAGE_SUFFIXES  # noqa: F401 - re-exported: report and testset import it from here
 
 
 def encode_png(image):
@@ -37,22 +23,6 @@ def encode_png(image):
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def write_jsonl(path, rows):
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
-def read_jsonl(path):
-    path = pathlib.Path(path)
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); fix or delete that line") from None
-    return rows
 
 
 def export_imageset(data, out):
@@ -70,7 +40,9 @@ def export_imageset(data, out):
         row.update({k: v[i] for k, v in data.meta.items() if k not in row})
         rows.append(row)
     write_jsonl(out / "metadata.jsonl", rows)
-    card = {"name": data.name, "classes": list(data.classes), "num_images": len(data), "counts": data.counts()}
+    # channels: a reader takes them from the recipe or the card, never from the first image
+    card = {"name": data.name, "classes": list(data.classes), "num_images": len(data), "counts": data.counts(),
+            "channels": int(data.images.shape[1])}
     atomic_write_text(out / "dataset_card.json", json.dumps(card, indent=2))
     return out
 
@@ -82,6 +54,9 @@ def _read_image(path, channels):
         with Image.open(path) as im:
             mode = {1: "L", 3: "RGB"}[channels] if channels else ("L" if im.mode in ("L", "1", "I;16") else "RGB")
             arr = np.array(im.convert(mode))
+    except FileNotFoundError:  # listings never stat files: a listed file that is gone shows up here
+        raise FileNotFoundError(f"{path} is listed (its folder's metadata.jsonl or an earlier listing) but "
+                                "missing; restore it or remove it from the manifest") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"unreadable image {path} ({e.__class__.__name__}); delete or replace it") from None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -90,51 +65,23 @@ def _read_image(path, channels):
 
 def folder_classes(root):
     """Class names of a folder: the card's list, else metadata's ids, else the sorted class folders."""
-    root = pathlib.Path(root)
-    card = root / "dataset_card.json"
-    if card.exists():
-        classes = json.loads(card.read_text()).get("classes")
-        if classes:
-            return list(classes)
-    meta = root / "metadata.jsonl"
-    if meta.exists():
-        by_id = {int(r["class_id"]): r["class_name"] for r in read_jsonl(meta) if "class_id" in r}
-        if by_id and sorted(by_id) == list(range(len(by_id))):
-            return [by_id[i] for i in range(len(by_id))]
-    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "shards")))
+    from .listing import resolve_classes
+    return resolve_classes(root)
 
 
 def list_labelled_files(root):
     """(manifest rows, classes, paths, class indices) of an ImageFolder, from `metadata.jsonl` when present.
 
-    A missing folder, an empty one, a row of an unknown class or a listed file that is gone is an error.
+    Listed, never opened (`listing.list_folder`, cached): a missing folder, an empty one or a row of an
+    unknown class is an error here; a listed file that is gone is found where it is decoded.
     """
+    from .listing import list_folder
+    listing = list_folder(root)
+    rows = listing.rows
+    if rows is None:
+        rows = [{"file_name": f, "class_name": listing.classes[y]} for f, y in zip(listing.files, listing.labels)]
     root = pathlib.Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such folder: {root}; give an ImageFolder (<root>/<class>/<image>)")
-    meta_path = root / "metadata.jsonl"
-    if meta_path.exists():
-        rows = read_jsonl(meta_path)
-    else:
-        rows = [{"file_name": f"{d.name}/{f.name}", "class_name": d.name}
-                for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith((".", "shards"))
-                for f in sorted(d.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not rows:
-        raise ValueError(f"{root} holds no images in class folders; expected <root>/<class>/<image>.png "
-                         "(an ImageFolder)")
-    classes = folder_classes(root)
-    index = {c: i for i, c in enumerate(classes)}
-    paths, labels = [], []
-    for r in rows:
-        cls = r.get("class_name") or pathlib.PurePosixPath(r["file_name"]).parent.name
-        if cls not in index:
-            raise ValueError(f"{root}: image {r['file_name']} has class {cls!r}, not in the folder's classes")
-        path = root / r["file_name"]
-        if not path.exists():
-            raise FileNotFoundError(f"{root}/metadata.jsonl lists {r['file_name']}, which is missing")
-        paths.append(path)
-        labels.append(index[cls])
-    return rows, classes, paths, labels
+    return rows, listing.classes, [root / f for f in listing.files], list(listing.labels)
 
 
 def load_imagefolder(root, channels=None, name=None):

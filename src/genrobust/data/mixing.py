@@ -25,13 +25,18 @@ logger = logging.getLogger(__name__)
 MODES = ("add", "replace", "generated-only")
 # Decoded uint8 bytes above which an ImageFolder is streamed from disk rather than held in memory.
 MEMORY_LIMIT = 4 * 2**30
+# Images (all folders together) above which "auto" streams from the listing alone, without reading a header:
+# 1.28 M headers take minutes on a network file system, and 50,000 ImageNet-sized images would decode to
+# ~7 GB, more than MEMORY_LIMIT anyway.
+STREAM_ABOVE = 50_000
 
 
 @dataclasses.dataclass
 class FileSet:
     """Images on disk: paths, integer labels into `classes`, metadata columns; decoded while training.
 
-    `channels` is what every image is converted to (1 = grayscale, 3 = RGB).
+    `channels` is what every image is converted to (1 = grayscale, 3 = RGB). Files are listed, not opened:
+    the streaming decoder skips unreadable ones (naming them) up to `max_corrupt` of the set and raises beyond.
     """
 
     name: str
@@ -40,6 +45,7 @@ class FileSet:
     classes: list
     meta: dict = dataclasses.field(default_factory=dict)
     channels: int = 3
+    max_corrupt: float = 0.01
 
     def __len__(self):
         return len(self.files)
@@ -47,7 +53,8 @@ class FileSet:
     def subset(self, index, name=None):
         idx = torch.as_tensor(index, dtype=torch.long).tolist()
         return FileSet(name or self.name, [self.files[i] for i in idx], self.labels[idx].clone(),
-                       list(self.classes), {k: [v[i] for i in idx] for k, v in self.meta.items()}, self.channels)
+                       list(self.classes), {k: [v[i] for i in idx] for k, v in self.meta.items()}, self.channels,
+                       self.max_corrupt)
 
     def counts(self):
         counts = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
@@ -203,10 +210,24 @@ def _concat(sets, name):
     keys = sorted({k for s in sets for k in s.meta})
     return FileSet(name, [f for s in sets for f in s.files], torch.cat([s.labels for s in sets]),
                    list(sets[0].classes), {k: [x for s in sets for x in s.meta.get(k, [None] * len(s))]
-                                           for k in keys}, sets[0].channels)
+                                           for k in keys}, sets[0].channels, sets[0].max_corrupt)
 
 
 # --- reading folders, tolerating a few corrupt images ------------------------------------------------
+
+def _listed(root, name, channels, max_corrupt):
+    """A FileSet from the folder's listing alone: no image is opened (a corrupt or vanished file is found
+    where it is decoded, under `max_corrupt`)."""
+    from .listing import list_folder
+
+    listing = list_folder(root)
+    meta = {"file_name": listing.files}
+    if listing.rows is not None:
+        keys = sorted({k for r in listing.rows for k in r} - {"label", "class_id", "class_name", "file_name"})
+        meta.update({k: [r.get(k) for r in listing.rows] for k in keys})
+    return FileSet(name or f"imagefolder:{root}", listing.paths(), torch.tensor(listing.labels, dtype=torch.long),
+                   listing.classes, meta, channels, max_corrupt)
+
 
 def _header(path):
     """(width, height, mode) from the image header, or the reason it cannot be read."""
@@ -219,66 +240,67 @@ def _header(path):
         return e.__class__.__name__
 
 
-def _scan(root, max_corrupt, channels, name, decode=False, report=True):
-    """(FileSet, skipped paths, decoded uint8 images or None). `decode` also decodes every image (in
-    memory sets): a file whose header reads but whose data does not counts as corrupt too."""
+def _headers(files):
     from concurrent.futures import ThreadPoolExecutor
 
-    from .folder import _read_image, list_labelled_files
-
-    root = pathlib.Path(root)
-    rows, classes, paths, labels = list_labelled_files(root)
-    # Headers are read in threads: opening a file is I/O bound, and ImageNet has 1.28 M of them.
+    # opening a file is I/O bound; only small folders get here (STREAM_ABOVE)
     with ThreadPoolExecutor(16) as pool:
-        headers = list(pool.map(_header, paths))
-    if channels is None:
-        first = next((h for h in headers if not isinstance(h, str)), None)
-        channels = 1 if first is not None and first[2] in ("L", "1", "I;16") else 3  # as folder._read_image
-    images = None
-    if decode:
-        images = []
-        for i, (p, h) in enumerate(zip(paths, headers)):
-            if isinstance(h, str):
-                images.append(None)
-                continue
-            try:
-                images.append(_read_image(p, channels))
-            except Exception:  # noqa: BLE001 - any decoder failure makes the file corrupt
-                headers[i] = "undecodable"
-                images.append(None)
-    bad = [i for i, h in enumerate(headers) if isinstance(h, str)]
+        return list(pool.map(_header, files.files))
+
+
+def _drop_unreadable(files, reasons, root, max_corrupt, report=True):
+    """(files whose `reasons` entry is None or a header, unreadable paths); too many is an error."""
+    bad = [i for i, h in enumerate(reasons) if isinstance(h, str)]
     if bad:
-        first = f"unreadable image {paths[bad[0]]} ({headers[bad[0]]})"
-        if len(bad) > max_corrupt * len(rows) or len(bad) == len(rows):
-            raise ValueError(f"{first}; {len(bad)} of {len(rows)} images in {root} are unreadable, more than "
+        first = f"unreadable image {files.files[bad[0]]} ({reasons[bad[0]]})"
+        if len(bad) > max_corrupt * len(files) or len(bad) == len(files):
+            raise ValueError(f"{first}; {len(bad)} of {len(files)} images in {root} are unreadable, more than "
                              f"--max-corrupt {max_corrupt:g} allows: delete or replace them")
         if report:
             logger.warning("%s: skipping %d unreadable of %d images (within --max-corrupt %g), e.g. %s",
-                           root, len(bad), len(rows), max_corrupt, first)
+                           root, len(bad), len(files), max_corrupt, first)
     badset = set(bad)
-    ok = [i for i in range(len(rows)) if i not in badset]
-    keys = sorted({k for r in rows for k in r} - {"label", "class_id", "class_name"})
-    meta = {k: [rows[i].get(k) for i in ok] for k in keys}
-    meta["size"] = [headers[i][:2] for i in ok]
-    files = FileSet(name or f"imagefolder:{root}", [str(paths[i]) for i in ok],
-                    torch.tensor([labels[i] for i in ok], dtype=torch.long), classes, meta, channels)
-    return files, [str(paths[i]) for i in bad], (None if images is None else [images[i] for i in ok])
+    ok = [i for i in range(len(files)) if i not in badset]
+    kept = files.subset(ok) if bad else files
+    kept.meta["size"] = [reasons[i][:2] for i in ok]
+    return kept, [files.files[i] for i in bad]
+
+
+def _card_channels(root):
+    from .listing import read_card
+    return read_card(root).get("channels")
 
 
 def read_folder(root, channels=None, max_corrupt=0.01, name=None, stream=False):
     """An ImageFolder as an in-memory ImageSet (stream False) or a FileSet to stream (stream True).
 
     Args:
-        channels: 1 or 3 (None: the first image's; grayscale -> 1, else 3).
+        channels: 1 or 3 (None: the folder card's "channels", else 3; never the first image's).
         max_corrupt: largest fraction of unreadable images that is skipped (with a warning) rather than an
-            error; an in-memory read decodes every image, so a file whose header reads but whose data does
-            not counts too.
+            error. A streamed set is listed only (no file is opened here): the streaming decoder enforces it.
+            An in-memory read decodes every image, so a file whose header reads but whose data does not
+            counts too.
     Returns (set, skipped paths).
     """
+    from .folder import _read_image
+
+    channels = channels or _card_channels(root) or 3
+    files = _listed(root, name, channels, max_corrupt)
     if stream:
-        files, skipped, _ = _scan(root, max_corrupt, channels, name)
-        return files, skipped
-    files, skipped, images = _scan(root, max_corrupt, channels, name, decode=True)
+        return files, []
+    reasons = _headers(files)
+    images = []
+    for i, (p, h) in enumerate(zip(files.files, reasons)):
+        if isinstance(h, str):
+            images.append(None)
+            continue
+        try:
+            images.append(_read_image(p, channels))
+        except Exception:  # noqa: BLE001 - any decoder failure makes the file corrupt
+            reasons[i] = "undecodable"
+            images.append(None)
+    files, skipped = _drop_unreadable(files, reasons, root, max_corrupt)
+    images = [im for im in images if im is not None]
     sizes = sorted({tuple(im.shape[1:]) for im in images})
     if len(sizes) > 1:
         raise ValueError(f"{root}: images differ in size {sizes[:3]}; resize them first, or stream them "
@@ -288,8 +310,13 @@ def read_folder(root, channels=None, max_corrupt=0.01, name=None, stream=False):
 
 
 def _should_stream(sets):
-    """Stream when the decoded images would not fit in MEMORY_LIMIT, or differ in size (then they are
-    resized to the model's input size while streaming)."""
+    """Stream when the images are more than STREAM_ABOVE (decided from the listing: no header is read),
+    would not fit in MEMORY_LIMIT decoded, or differ in size (then they are resized to the model's input size
+    while streaming). Headers are read only below STREAM_ABOVE, to decide the last two."""
+    n = sum(len(f) for f in sets)
+    if n > STREAM_ABOVE:
+        logger.info("streaming the training images from disk (%d images, more than %d)", n, STREAM_ABOVE)
+        return True
     sizes = [s for f in sets for s in f.meta["size"]]
     big = sum(w * h for w, h in sizes) * sets[0].channels > MEMORY_LIMIT
     if big or len(set(sizes)) > 1:
@@ -309,7 +336,7 @@ def _conform(gen, real, folder):
 
 
 def build_training_set(real=None, generated=(), ratio=1.0, seed=0, mode=None, fraction=None, limit=None,
-                       max_corrupt=0.01, stream="auto"):
+                       max_corrupt=0.01, stream="auto", channels=None):
     """Load and mix training data from specs.
 
     Args:
@@ -318,8 +345,12 @@ def build_training_set(real=None, generated=(), ratio=1.0, seed=0, mode=None, fr
         generated: generated folders (paths); several are pooled before drawing.
         ratio: k in `add` mode. fraction: f in `replace` mode. limit: images in `generated-only` mode.
         mode: one of MODES; None = `add` with real data, `generated-only` without.
-        max_corrupt: fraction of unreadable images per folder that is skipped rather than an error.
-        stream: "auto", True or False: keep ImageFolders on disk (FileSet) rather than in memory.
+        max_corrupt: fraction of unreadable images per folder that is skipped rather than an error (for a
+            streamed set, enforced where images are decoded: `FileSet.max_corrupt`).
+        stream: "auto", True or False: keep ImageFolders on disk (FileSet) rather than in memory. "auto"
+            streams more than STREAM_ABOVE images from their listing alone.
+        channels: what images are converted to (1 or 3). None: a registered dataset's own count; for
+            ImageFolders the (real, else first generated) folder card's "channels", else 3.
     Returns (ImageSet or FileSet, info dict for the checkpoint's data.json, with the exact per-class counts).
     """
     from . import load_dataset
@@ -335,32 +366,42 @@ def build_training_set(real=None, generated=(), ratio=1.0, seed=0, mode=None, fr
         raise ValueError("--mode generated-only needs generated data; pass --generated FOLDER")
     generated = [str(g) for g in generated]
     folder = real[len("imagefolder:"):] if real and real.startswith("imagefolder:") else None
-    # First every header (cheap), to decide in memory or streamed; then the images themselves.
-    real_set, channels, skipped = None, None, []
+    real_set, skipped = None, []
     if real and folder is None:
         if stream is True:
             raise ValueError(f"{real} is an in-memory dataset; --stream on is for ImageFolders")
         real_set, stream = load_dataset(real), False
-        channels = real_set.images.shape[1]
+        own = real_set.images.shape[1]
+        if channels not in (None, own):
+            raise ValueError(f"{real} has {own} channel(s), the recipe asks for {channels}; drop 'channels' "
+                             "or use an ImageFolder")
+        channels = own
     roots = ([(folder, real)] if folder else []) + [(g, g) for g in generated]
-    scanned, unread = [], []
-    for root, name in roots:
-        files, bad, _ = _scan(root, max_corrupt, channels, name, report=False)
-        channels = channels or files.channels
-        scanned.append(files)
-        unread.append(bad)
+    # channels come from the recipe, else the (first) folder's card, else 3 (RGB): never from a first image
+    channels = channels or (_card_channels(roots[0][0]) if roots else None) or 3
+    # Every folder is listed (names only); headers are read only when "auto" must decide on a small set.
+    listed = [_listed(root, name, channels, max_corrupt) for root, name in roots]
     if stream == "auto":
-        stream = _should_stream(scanned)
-    loaded = []
-    for (root, name), files, bad in zip(roots, scanned, unread):
-        if stream:  # the scan is all a streamed set needs (read once: ImageNet has 1.28 M headers)
-            if bad:
-                logger.warning("%s: skipping %d unreadable of %d images (within --max-corrupt %g), e.g. %s",
-                               root, len(bad), len(bad) + len(files), max_corrupt, bad[0])
+        if sum(len(f) for f in listed) <= STREAM_ABOVE:
+            checked = [_drop_unreadable(f, _headers(f), root, max_corrupt, report=False)
+                       for f, (root, _) in zip(listed, roots)]
+            stream = _should_stream([f for f, _ in checked])
+            if stream:  # the headers are read anyway: leave out what cannot be opened
+                listed = []
+                for (root, _), (f, bad) in zip(roots, checked):
+                    if bad:
+                        logger.warning("%s: skipping %d unreadable of %d images (within --max-corrupt %g), "
+                                       "e.g. %s", root, len(bad), len(bad) + len(f), max_corrupt, bad[0])
+                    listed.append(dataclasses.replace(f, meta={k: v for k, v in f.meta.items() if k != "size"}))
+                    skipped += bad
         else:
+            stream = _should_stream(listed)
+    loaded = []
+    for (root, name), files in zip(roots, listed):
+        if not stream:
             files, bad = read_folder(root, channels, max_corrupt, name)
+            skipped += bad
         loaded.append(files)
-        skipped += bad
     if folder:
         real_set, loaded = loaded[0], loaded[1:]
     if real_set is not None:

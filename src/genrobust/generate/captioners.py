@@ -8,6 +8,7 @@ import re
 
 import torch
 
+from .. import context
 from ..registry import Registry
 from .pipelines import from_pretrained, resolve_dtype
 
@@ -29,6 +30,7 @@ class Blip:
     def __init__(self, model, device="cpu", dtype="auto", batch_size=32, max_new_tokens=30):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        device = context.resolve_device(device)
         self.model_name, self.device, self.batch_size = str(model), device, batch_size
         self.max_new_tokens = max_new_tokens
         self.dtype = resolve_dtype(dtype, device)

@@ -14,6 +14,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import context
+
 logger = logging.getLogger(__name__)
 
 STYLES = ("handwritten", "printed")
@@ -105,6 +107,7 @@ def train(out, steps=6000, batch_size=128, lr=1e-3, warmup=200, p_uncond=0.1, em
 
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    device = context.resolve_device(device)
     torch.manual_seed(seed)
     images, labels, styles = training_set() if dataset is None else styled_set(dataset, style)
     x_all = images.float().div(127.5).sub(1.0)
@@ -206,7 +209,7 @@ def load(path, device="cpu"):
     if not (path / "unet").is_dir():
         raise FileNotFoundError(f"{path} is not a digits-ddpm folder (no unet/); train one with "
                                 "`genrobust generator train --out DIR` or omit the path to use the shipped one")
-    unet = UNet2DModel.from_pretrained(path / "unet").to(device).eval()
+    unet = UNet2DModel.from_pretrained(path / "unet").to(context.resolve_device(device)).eval()
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     card = json.loads((path / "card.json").read_text())
     return unet, scheduler, card

@@ -5,6 +5,7 @@ import re
 
 import torch
 
+from .. import context
 from ..registry import Registry
 from .strategies import Prompts
 
@@ -36,6 +37,7 @@ class DigitsDDPM:
         from . import digits_ddpm
 
         self.path = pathlib.Path(path) if path else SHIPPED
+        device = context.resolve_device(device)  # under torchrun, "cuda" is this rank's GPU
         self.unet, self.scheduler, self.card = digits_ddpm.load(self.path, device=device)
         self.styles = digits_ddpm.STYLES
         self.steps, self.guidance, self.eta, self.device, self.batch_size = steps, guidance, eta, device, batch_size

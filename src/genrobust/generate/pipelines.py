@@ -14,6 +14,7 @@ import re
 
 import torch
 
+from .. import context
 from .generators import GENERATORS
 from .strategies import Prompts
 
@@ -157,6 +158,7 @@ class DiffusersGenerator:
         import diffusers
 
         check_scheduler(scheduler)  # before minutes of loading
+        device = context.resolve_device(device)  # under torchrun, "cuda" is this rank's GPU
         self.model, self.steps, self.scheduler_name = str(model), int(steps), scheduler
         self.guidance = self.default_guidance if guidance is None else float(guidance)
         self.negative_prompt, self.device, self.hub_revision = negative_prompt, device, revision

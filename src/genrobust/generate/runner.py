@@ -17,10 +17,12 @@ import os
 import pathlib
 import re
 
+from .. import context
 from ..data.folder import atomic_write_bytes, atomic_write_text, encode_png, read_jsonl, write_jsonl
 from .strategies import Sources, create_strategy, derive_seed
 
 logger = logging.getLogger(__name__)
+UNREADABLE_SOURCE = "unreadable source"  # the quality-control reason of a request whose source won't decode
 
 MANIFEST_FIELDS = ("file_name", "label", "class_id", "class_name", "strategy", "prompt", "negative_prompt",
                    "caption", "source_image", "seed", "generator", "revision", "scheduler", "steps",
@@ -114,7 +116,7 @@ def _batch_id(batch):
 
 
 def _shard_of(shard):
-    """(rank, world): an explicit `(i, n)`, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    """(rank, world): an explicit `(i, n)`, else the launcher's (torchrun, accelerate launch), else (0, 1)."""
     if shard is not None:
         i, n = shard
         if n < 1:
@@ -122,7 +124,7 @@ def _shard_of(shard):
         if not 0 <= i < n:
             raise ValueError(f"--shard {i}/{n}: the shard index must be in 0..{n - 1}")
         return i, n
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return context.rank(), context.world_size()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +136,7 @@ class _Job:
 
 
 def generate(generator, strategy, classes, out, per_class=None, seed=0, progress=True, per_image=None,
-             source=None, captioner=None, shard=None, max_attempts=3, clip=None):
+             source=None, captioner=None, shard=None, max_attempts=3, clip=None, max_corrupt=0.01):
     """Generate a class-labelled dataset folder with `generator` under `strategy`.
 
     Args:
@@ -147,6 +149,8 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
         clip: optional `ClipFilter`: every kept image's CLIP score against "a photo of a {class}." is
             recorded; under `threshold` an image is retried like a blank one; `top_k` keeps the best k per
             class in the manifest (the rest stay on disk, left out and counted in the card).
+        max_corrupt: largest fraction of the source images that may turn out unreadable when decoded; their
+            requests are given up (reason "unreadable source") and the files named in the card.
     Resumes a killed run with the same settings. Returns the dataset card, or None when other shards have
     not finished yet (the last one to finish merges).
     """
@@ -162,10 +166,8 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
                          f"not {', '.join(map(repr, bad[:5]))}")
     if strategy == "captions" and captioner is None:
         raise ValueError("strategy 'captions' needs a captioner: pass --captioner blip --captioner-model PATH")
-    sources = Sources(source) if source else None
-    if sources is not None and sources.skipped:
-        logger.warning("%s: %d unreadable source images skipped (e.g. %s)", source, len(sources.skipped),
-                       sources.skipped[0])
+    # sources are listed, not opened: an unreadable one is skipped when its batch decodes it (max_corrupt)
+    sources = Sources(source, max_corrupt) if source else None
     requests = make_requests(classes, per_class, seed, generator.prompts, sources=sources, per_image=per_image)
     rank, world = _shard_of(shard)
     cap_name = captioner.config() if hasattr(captioner, "config") else getattr(captioner, "name", None)
@@ -180,7 +182,10 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
     own = out / "shards" / f"rank{rank}.jsonl"
     write_jsonl(own, _read_shard(out, own).values())  # drop a line cut by a kill before appending
     done = finished(out)
-    mine = requests[rank::world]
+    # ranks take whole batches of the one-process plan (batch b goes to rank b % world): every batch is the one
+    # a single process makes, so the images are the same to the bit whatever the number of processes
+    bs = generator.batch_size
+    mine = [requests[i:i + bs] for i in range(0, len(requests), bs)][rank::world]
     if done:
         logger.info("%s: resuming, %d of %d requests already done", out, len(done), len(requests))
     _run(generator, strategy, mine, set(done), out, own, sources, seed, max_attempts, progress, clip)
@@ -195,7 +200,7 @@ def generate(generator, strategy, classes, out, per_class=None, seed=0, progress
 
 
 def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempts, progress, clip=None):
-    """Generate this process's requests in fixed batches; the writer thread encodes and saves meanwhile.
+    """Generate this process's batches of requests; the writer thread encodes and saves meanwhile.
 
     Batches are fixed slices of the plan, and a batch with anything left to do is generated whole (only its
     missing images are written): a resumed run makes the same batches as an uninterrupted one, so its images
@@ -205,9 +210,10 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
     from tqdm.auto import tqdm
 
     bs = generator.batch_size
-    fixed = [[_Job(r) for r in mine[i:i + bs]] for i in range(0, len(mine), bs)]
+    fixed = [[_Job(r) for r in batch] for batch in mine]
     queue = [b for b in fixed if any(j.req.key not in done for j in b)]
-    bar = tqdm(total=len(mine), initial=len(mine) - sum(j.req.key not in done for b in queue for j in b),
+    total = sum(len(b) for b in mine)
+    bar = tqdm(total=total, initial=total - sum(j.req.key not in done for b in queue for j in b),
                desc=f"generate {strategy}", disable=not progress, unit="img")
     retries, given_up = [], 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -236,14 +242,27 @@ def _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip=Non
     from .filters import is_blank
 
     batch = [j.req for j in jobs]
-    srcs = None if sources is None else [sources.load(r.source_image) for r in batch]
-    images, flags = generator.generate(batch, srcs)
+    srcs, unreadable = None, set()
+    if sources is not None:
+        srcs = [sources.load_or_skip(r.source_image) for r in batch]
+        unreadable = {i for i, im in enumerate(srcs) if im is None}
+        # a stand-in keeps the batch's shape (and so its other images) as planned; its output is dropped
+        stand_in = next((im for im in srcs if im is not None), None)
+        srcs = [stand_in if im is None else im for im in srcs]
+    if len(unreadable) == len(batch):
+        images, flags = [None] * len(batch), [None] * len(batch)
+    else:
+        images, flags = generator.generate(batch, srcs)
     items, again, batch_id = [], [], _batch_id(batch)
     todo = [i for i, j in enumerate(jobs) if j.attempts or j.req.key not in done]
     scores = dict(zip(todo, clip.score([images[i] for i in todo], [batch[i].class_name for i in todo])
                       if clip is not None else [None] * len(todo)))
     for pos in todo:
         job, img, flag = jobs[pos], images[pos], flags[pos]
+        if pos in unreadable:  # given up at once: another seed cannot make the source readable
+            attempts = [*job.attempts, {"seed": job.req.seed, "reason": UNREADABLE_SOURCE}]
+            items.append((job.req, None, attempts, (batch_id, pos, len(batch)), None))
+            continue
         reason = flag or ("blank" if is_blank(img) else None)
         if reason is None and clip is not None and clip.threshold is not None and scores[pos] < clip.threshold:
             reason = f"clip<{clip.threshold:g}"
@@ -291,7 +310,10 @@ def _with_captions(out, requests, sources, captioner, rank):
         bs = getattr(captioner, "batch_size", 16)
         for i in range(0, len(todo), bs):
             refs = todo[i:i + bs]
-            caps = captioner.caption([sources.load(ref) for ref in refs])
+            images = [sources.load_or_skip(ref) for ref in refs]
+            # an unreadable source gets no caption; its requests are given up when their batch is generated
+            caps = iter(captioner.caption([im for im in images if im is not None]) if any(im is not None for im in images) else [])
+            caps = ["" if im is None else next(caps) for im in images]
             with open(own, "a") as f:
                 f.write("".join(json.dumps({"source_image": r, "caption": c}) + "\n" for r, c in zip(refs, caps)))
             cache.update(zip(refs, caps))
@@ -360,20 +382,33 @@ def merge(out, gen_info=None, required=True):
         card["quality_control"] = {"failed_attempts": reasons, "given_up": rejected}
         if dropped:
             card["quality_control"]["clip_top_k_left_out"] = dropped
+    if rows:  # readers take channels from the recipe or this card, never from a first image
+        card["channels"] = _channels(out / rows[0]["file_name"])
     if "clip" in identity:
         card["clip_filter"] = identity["clip"]
     for key in ("source", "per_image", "captioner"):
         if key in identity:
             card[key] = identity[key]
-    if plan.get("skipped_sources"):
-        card["skipped_sources"] = plan["skipped_sources"]
+    # sources found unreadable while generating (older runs recorded them in the plan at start)
+    skipped = list(plan.get("skipped_sources") or [])
+    skipped += sorted({done[k]["source_image"] for k in plan["keys"] if done[k]["file_name"] is None
+                       and (done[k].get("attempts") or [{}])[-1].get("reason") == UNREADABLE_SOURCE})
+    if skipped:
+        card["skipped_sources"] = skipped
     atomic_write_text(out / "dataset_card.json", json.dumps(card, indent=2))
     return card
 
 
+def _channels(path):
+    """1 for a grayscale PNG (the digits world), else 3: every image of a run has its generator's mode."""
+    from PIL import Image
+    with Image.open(path) as im:
+        return 1 if im.mode in ("L", "1", "I;16") else 3
+
+
 def _top_k(rows, k):
     """The k best-scoring rows of each class (plan order kept), and how many each class left out."""
-    if not k:
+    if k is None:
         return rows, {}
     from .filters import select
     by_class = {}

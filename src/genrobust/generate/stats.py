@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import context
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("cosine", "l2")
@@ -217,7 +219,7 @@ def resolve_images(spec):
 
 def _load_images(spec, channels):
     """An ImageSet of the images `spec` names (an ImageFolder's images must share a size; generators write
-    them so)."""
+    them so; a real folder is read as a `StreamedSet`)."""
     from ..data import load_dataset
 
     return load_dataset(resolve_images(spec)[0], channels=channels)
@@ -234,16 +236,68 @@ def _relabel(data, classes, what):
 
 
 def set_stats(data, classes, classifier=None, embedder=None, metric="cosine", device="cpu", batch_size=256):
-    """Fidelity and diversity of one image set (`classes`: the names labels index) and its embeddings."""
+    """Fidelity and diversity of one image set (`classes`: the names labels index) and its embeddings.
+
+    `data` is an ImageSet, or a `StreamedSet` whose batches are decoded as they are scored."""
+    if isinstance(data, StreamedSet):
+        pred, emb, labels = [], [], []
+        for x, y in data.batches():
+            if classifier is not None:
+                pred.append(classify(classifier, x, device=device, batch_size=batch_size))
+            if embedder is not None:
+                emb.append(embed(embedder, x, device=device, batch_size=batch_size))
+            labels.append(y)
+        data.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        pred = np.concatenate(pred) if pred else None
+        emb = np.concatenate(emb) if emb else None
+    else:
+        pred = None if classifier is None else classify(classifier, data.images, device=device,
+                                                        batch_size=batch_size)
+        emb = None if embedder is None else embed(embedder, data.images, device=device, batch_size=batch_size)
     labels = _relabel(data, classes, data.name)
-    row, emb = {"num_images": len(data), "counts": data.counts()}, None
+    row = {"num_images": len(labels), "counts": data.counts()}
+    if getattr(data, "unreadable", None):
+        row["unreadable"] = list(data.unreadable)
     if classifier is not None:
-        pred = classify(classifier, data.images, device=device, batch_size=batch_size)
         row["fidelity"] = fidelity(pred, labels, classes)
     if embedder is not None:
-        emb = embed(embedder, data.images, device=device, batch_size=batch_size)
         row["diversity"] = diversity(emb, labels, classes, metric=metric)
     return row, emb
+
+
+class StreamedSet:
+    """A real ImageFolder scored batch by batch, never held in memory: listed without opening a file, each image
+    decoded in DataLoader workers as evaluation does (shorter side to size / crop_pct, centre crop to the model's
+    input), so folders of mixed sizes, modes and orientations work. Unreadable files are skipped and named;
+    more than `max_corrupt` of the folder is an error. `labels` holds the readable images' once scored."""
+
+    def __init__(self, root, model, batch_size=256, workers=None, max_corrupt=0.01, name=None):
+        from .. import context
+        from ..data.folder import list_labelled_files
+
+        self.root, self.model, self.batch_size, self.max_corrupt = pathlib.Path(root), model, batch_size, max_corrupt
+        self.workers = context.default_workers() if workers is None else workers
+        self.name = name or f"imagefolder:{root}"
+        _, self.classes, self.files, labels = list_labelled_files(self.root)
+        self.listed = torch.as_tensor(labels, dtype=torch.long)
+        self.labels, self.unreadable = self.listed, []
+
+    def __len__(self):
+        return len(self.labels)
+
+    def counts(self):
+        return dict(zip(self.classes, torch.bincount(self.labels, minlength=len(self.classes)).tolist()))
+
+    def batches(self):
+        """uint8 batches at the model's size, and their labels."""
+        from ..evaluate import FolderImages, _preprocessing, _readable, _whole_batch
+
+        crop_pct, interpolation = _preprocessing(self.model.net, {})
+        loader = torch.utils.data.DataLoader(
+            FolderImages(self.files, self.listed, self.model.channels, self.model.size, crop_pct, 0, interpolation),
+            batch_size=self.batch_size, num_workers=self.workers, collate_fn=_whole_batch)
+        self.unreadable = []
+        yield from _readable(loader, self.name, len(self.files), self.max_corrupt, self.unreadable)
 
 
 def _default_out(folder):
@@ -254,7 +308,7 @@ def _default_out(folder):
 
 
 def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_weights=None, metric="cosine",
-                 device="cpu", batch_size=256, out=None):
+                 device="cpu", batch_size=256, out=None, max_corrupt=0.01):
     """Fidelity, diversity and Fréchet distance to `real` of a generated folder; writes them as JSON.
 
     Args:
@@ -266,6 +320,8 @@ def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_wei
             Fréchet); None uses the classifier.
         metric: "cosine" (1 - cosine similarity) or "l2" for diversity.
         out: where to write the JSON; None writes `<folder>/stats.json`.
+        max_corrupt: fraction of a folder's images (generated or real) that may be unreadable (skipped, and
+            listed in its block's `unreadable`); more is an error.
     Returns the dict written: `generated` and `real` blocks (num_images, counts, fidelity, diversity),
     `frechet` (None without `real`), and what computed them.
     """
@@ -276,10 +332,15 @@ def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_wei
         raise ValueError(f"unknown diversity metric {metric!r}; choose from {', '.join(METRICS)}")
     if out is None:
         _default_out(folder)  # a dataset spec has no folder to write into: fail before any work
+    device = context.resolve_device(device)
     clf = None if classifier is None else load_model(classifier, device=device)
     emb_model = clf if embedder is None else load_model(embedder, weights=embedder_weights, device=device)
     ref = clf or emb_model
-    gen = _load_images(folder, ref.channels)
+    # a folder streams through the eval transform as a real one does: retrieved or foreign folders mix sizes
+    # (an image already at the model's size is kept as it is, so a generator's own folder scores the same)
+    root = resolve_images(folder)[1]
+    gen = StreamedSet(root, ref, batch_size, max_corrupt=max_corrupt) if root is not None \
+        else _load_images(folder, ref.channels)
     classes = clf.classes if clf is not None else list(gen.classes)
     result = {"folder": str(folder), "real": real, "classes": list(gen.classes), "metric": metric,
               "classifier": None if clf is None else clf.describe(),
@@ -287,7 +348,10 @@ def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_wei
     result["generated"], gen_emb = set_stats(gen, classes, clf, emb_model, metric, device, batch_size)
     result["real_set"], result["frechet"] = None, None
     if real is not None:
-        real_data = _load_images(real, ref.channels)
+        spec, root = resolve_images(real)
+        # a real folder (ImageNet's: mixed sizes, modes, a few corrupt files) streams; dataset specs load
+        real_data = StreamedSet(root, ref, batch_size, max_corrupt=max_corrupt) if root is not None \
+            else _load_images(real, ref.channels)
         result["real_set"], real_emb = set_stats(real_data, classes, clf, emb_model, metric, device, batch_size)
         if gen_emb is not None:
             result["frechet"] = frechet_distance(gen_emb, real_emb)

@@ -3,10 +3,12 @@
 A strategy only decides *what* to ask for; the generator decides how (its prompt templates, its model).
 """
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 
 from ..registry import Registry
 
+logger = logging.getLogger(__name__)
 STRATEGIES = Registry("strategy")
 
 
@@ -124,62 +126,61 @@ def captions_strategy(classes, per_class, seed, prompts, sources=None, per_image
 class Sources:
     """Real source images by class, referenced by strings that the manifest records.
 
-    `imagefolder:PATH` sets are listed without decoding (ImageNet-sized sets stay on disk; references are
-    paths relative to PATH); registered sets are referenced as `SPEC#INDEX`. Unreadable files are left out
-    and listed in `skipped`.
+    `imagefolder:PATH` sets are listed, never opened, at start (`data.listing`: cached, so every rank reads
+    one listing; references are paths relative to PATH); registered sets are referenced as `SPEC#INDEX`.
+    A file that cannot be decoded is found when a batch needs it (`load_or_skip`): it is recorded in
+    `skipped` with a warning, and more than `max_corrupt` of the sources unreadable is an error.
     """
 
-    def __init__(self, spec):
-        self.spec = spec
+    def __init__(self, spec, max_corrupt=0.01):
+        self.spec, self.max_corrupt = spec, max_corrupt
         self.root = None  # the folder of an imagefolder: set; None for a registered (in-memory) set
         self.skipped = []
         self._by_class = {}
         if spec.startswith("imagefolder:"):
-            self._init_folder(spec.split(":", 1)[1])
+            from ..data.listing import list_folder
+            listing = list_folder(spec.split(":", 1)[1])
+            self.root = listing.root
+            for f, y in zip(listing.files, listing.labels):
+                self._by_class.setdefault(listing.classes[y], []).append(f)
+            self._total = len(listing)
         else:
             from ..data import load_dataset
             self._data = load_dataset(spec)
             for i, y in enumerate(self._data.labels.tolist()):
                 self._by_class.setdefault(self._data.classes[y], []).append(f"{spec}#{i}")
-
-    def _init_folder(self, root):
-        import concurrent.futures
-        import pathlib
-
-        from ..data.folder import list_labelled_files
-        self.root = pathlib.Path(root)
-        _, classes, paths, labels = list_labelled_files(self.root)
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            ok = list(pool.map(_readable, paths))
-        for path, y, good in zip(paths, labels, ok):
-            ref = path.relative_to(self.root).as_posix()
-            if good:
-                self._by_class.setdefault(classes[y], []).append(ref)
-            else:
-                self.skipped.append(ref)
+            self._total = len(self._data)
 
     def refs(self, class_name):
         return self._by_class.get(class_name, [])
 
     def load(self, ref):
-        """The source image as a PIL RGB image."""
+        """The source image as a PIL RGB image; an unreadable file is a ValueError naming it."""
         from PIL import Image
         if self.root is None:
             img = self._data.images[int(ref.rsplit("#", 1)[1])]
             arr = img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
             return Image.fromarray(arr).convert("RGB")
-        with Image.open(self.root / ref) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(self.root / ref) as im:
+                return im.convert("RGB")
+        except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, SyntaxError, OSError, ...)
+            raise ValueError(f"unreadable source image {self.root / ref} ({e.__class__.__name__}); delete or "
+                             "replace it") from None
 
-
-def _readable(path):
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # noqa: BLE001 - any failure to read the header makes the source unusable
-        return False
+    def load_or_skip(self, ref):
+        """`load`, or None for an unreadable file, which joins `skipped` (once); too many is an error."""
+        try:
+            return self.load(ref)
+        except ValueError as e:
+            if ref not in self.skipped:
+                self.skipped.append(ref)
+                logger.warning("%s; skipped (%d of %d sources so far)", e, len(self.skipped), self._total)
+            if len(self.skipped) > self.max_corrupt * self._total:
+                raise ValueError(f"{len(self.skipped)} of {self._total} source images in {self.root} are "
+                                 f"unreadable (e.g. {self.skipped[0]}), more than --max-corrupt "
+                                 f"{self.max_corrupt:g} allows: delete or replace them") from None
+            return None
 
 
 def create_strategy(name):

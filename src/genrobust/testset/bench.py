@@ -204,9 +204,11 @@ def benchmark(ref, models, out=None, real=None, root=None, device="cpu", data_ro
     Returns (leaderboard entries, out)."""
     from tqdm.auto import tqdm
 
+    from ..context import resolve_device
     from ..data.folder import write_jsonl
     from ..evaluate import read_results
 
+    device = resolve_device(device)
     path = store.resolve(ref, root)
     card = store.read_card(path)
     real = real or card["real"]

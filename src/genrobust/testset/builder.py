@@ -19,6 +19,7 @@ import shutil
 
 import numpy as np
 
+from .. import context
 from ..data.folder import atomic_write_text, read_jsonl, write_jsonl
 from . import card as cards
 from . import phash, spec as specs, store
@@ -62,6 +63,7 @@ def build(name, version, spec, root=None, device="cpu", progress=True):
     """
     store.check_name(name, "test-set name")
     store.check_name(version, "version")
+    device = context.resolve_device(device)  # under torchrun, "cuda" is this rank's GPU
     root = pathlib.Path(root) if root is not None else store.default_root()
     base_dir = _base_dir(root, name, version, spec.get("based_on"))
     base_card = store.read_card(base_dir) if base_dir else None
@@ -261,17 +263,18 @@ def _live(cands):
 
 
 def _clip_filter(cands, f, clip, progress, rescore_base):
-    from PIL import Image
     from tqdm.auto import tqdm
 
     todo = [c for c in _live(cands) if c.row.get("clip_score") is None or (c.base and rescore_base)]
     bs = 64
     for i in tqdm(range(0, len(todo), bs), desc="clip score", disable=not progress or not todo, unit="batch"):
-        batch = todo[i:i + bs]
-        images = []
-        for c in batch:
-            with Image.open(c.path) as im:
-                images.append(im.convert("RGB"))
+        batch, images = [], []
+        for c in todo[i:i + bs]:
+            try:
+                images.append(_upright_rgb(c.path))
+                batch.append(c)
+            except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unreadable
+                _unreadable(c, e)
         scores = clip.scorer().score(images, [CLIP_PROMPT.format(c.row["class_name"]) for c in batch])
         for c, s in zip(batch, scores):
             c.row["clip_score"] = round(float(s), 4)
@@ -281,23 +284,51 @@ def _clip_filter(cands, f, clip, progress, rescore_base):
                 c.reason, c.detail = "clip", {"clip_score": c.row["clip_score"]}
 
 
+def _upright_rgb(path):
+    """The file's image in RGB, turned as its EXIF orientation says (as training and evaluation decode it)."""
+    from PIL import Image, ImageOps
+
+    from ..data.decode import convert
+
+    with Image.open(path) as im:
+        im = convert(ImageOps.exif_transpose(im), "RGB")
+        im.load()
+    return im
+
+
+def _unreadable(c, e):
+    logger.warning("unreadable image %s (%s): left out", c.path, " ".join(f"{e.__class__.__name__}: {e}".split()))
+    c.reason, c.detail = "unreadable", {"error": e.__class__.__name__}
+
+
 def _hash_all(cands, progress):
     todo = [c for c in cands if c.reason is None and not c.row.get("phash")]
-    hashes = hash_files([c.path for c in todo], progress, "phash")
+    bad = {}
+    hashes = hash_files([c.path for c in todo], progress, "phash", unreadable=bad)
     for c, h in zip(todo, hashes.tolist()):
-        c.row["phash"] = phash.to_hex(h)
+        if str(c.path) in bad:
+            _unreadable(c, bad[str(c.path)])
+        else:
+            c.row["phash"] = phash.to_hex(h)
 
 
-def hash_files(paths, progress=False, desc="phash"):
-    """pHashes of image files, decoded on a thread pool (PIL releases the GIL while decoding)."""
-    from PIL import Image
+def hash_files(paths, progress=False, desc="phash", unreadable=None):
+    """pHashes of image files, decoded upright on a thread pool (PIL releases the GIL while decoding).
+
+    An unreadable file is an error naming it; given a dict `unreadable`, it gets {path: exception} instead and
+    hash 0."""
     from tqdm.auto import tqdm
 
     def one(p):
-        with Image.open(p) as im:
-            return phash.phash(im)
+        try:
+            return phash.phash(_upright_rgb(p))
+        except Exception as e:  # noqa: BLE001 - any decoder failure makes the file unreadable
+            if unreadable is None:
+                raise ValueError(f"unreadable image {p} ({e.__class__.__name__}: {e}); delete or replace it") from e
+            unreadable[str(p)] = e
+            return 0
 
-    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(min(8, context.available_cpus())) as pool:
         out = list(tqdm(pool.map(one, paths), total=len(paths), desc=desc, disable=not progress or len(paths) < 500,
                         unit="img"))
     return np.array(out, dtype=np.uint64)
@@ -313,7 +344,18 @@ def reference_hashes(refs, progress=False):
         path = pathlib.Path(ref.split(":", 1)[1] if ref.startswith("imagefolder:") else ref)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            h = hash_files(files, progress, f"phash {ref}")
+            bad = {}
+            h = hash_files(files, progress, f"phash {ref}", unreadable=bad)
+            if bad:
+                # a real reference folder (a training set) holds a few corrupt files: more than 1% is a broken folder
+                names = sorted(bad)
+                if len(bad) > 0.01 * len(files):
+                    raise ValueError(f"reference {ref}: {len(bad)} of {len(files)} images are unreadable, e.g. "
+                                     f"{', '.join(names[:5])}: delete or replace them")
+                logger.warning("reference %s: %d unreadable images left out of the near-copy check, e.g. %s", ref,
+                               len(bad), ", ".join(names[:5]))
+                keep = [str(p) not in bad for p in files]
+                files, h = [p for p, k in zip(files, keep) if k], h[np.array(keep, dtype=bool)]
             names = [f"{ref}:{p.relative_to(path).as_posix()}" for p in files]
         else:
             h, names = _dataset_hashes(ref)
@@ -383,17 +425,6 @@ def _why(cands, cls):
     for c in mine:
         counts[c.reason] = counts.get(c.reason, 0) + 1
     return f"{len(mine)} candidates; " + ", ".join(f"{k}: {v}" for k, v in counts.items()) if mine else "no candidates"
-
-
-def left_out_counts(cands, classes):
-    """{reason: {class: images}} of the candidates left out, classes in the set's order."""
-    order = {c: i for i, c in enumerate(classes)}
-    out = {}
-    for c in sorted(cands, key=lambda c: order.get(c.row["class_name"], len(order))):
-        if c.reason is not None:
-            per = out.setdefault(c.reason, {})
-            per[c.row["class_name"]] = per.get(c.row["class_name"], 0) + 1
-    return out
 
 
 # --- writing -----------------------------------------------------------------------------------------------

@@ -20,10 +20,20 @@ REASON_TEXT = {"removed": "removed by the spec", "clip": "CLIP score under the t
                "quota": "over the per-class quota"}
 
 
+def left_out_counts(cands, classes):
+    """{reason: {class: images}} of the candidates left out, classes in the set's order."""
+    order = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for c in sorted(cands, key=lambda c: order.get(c.row["class_name"], len(order))):
+        if c.reason is not None:
+            per = out.setdefault(c.reason, {})
+            per[c.row["class_name"]] = per.get(c.row["class_name"], 0) + 1
+    return out
+
+
 def make_card(inputs, key, rows, staged, base_card, cands, report, changes, started):
     """card.json's content (without `files` and `content_sha256`, added once the files are written)."""
     from .. import __version__
-    from .builder import left_out_counts
 
     counts = dict.fromkeys(inputs["classes"], 0)
     for r in rows:

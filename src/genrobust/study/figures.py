@@ -14,7 +14,7 @@ def _stats(values):
 
 
 def _by_arm(rows, metric):
-    from .report import _restricted_id
+    from ..report import _restricted_id
     groups = collections.defaultdict(list)
     for r in rows:
         if r.get("metric") == metric and not (metric == "top1" and _restricted_id(r)):
@@ -74,8 +74,8 @@ def bar_data(values, arms, eval_sets, k, model=None):
 
 def study_figures(rows, er, taken, arms, bar_amount_wanted=None):
     """Figures for `report.write_report(figure_hook=...)`: (figures, warnings)."""
-    from .plots import amount_curves, grouped_bars
-    from .report import Figure, _slug, _unique
+    from ..plots import amount_curves, grouped_bars
+    from ..report import Figure, _slug, _unique
 
     acc, ers = _by_arm(rows, "top1"), _by_arm(er, "effective_robustness")
     eval_sets = list(dict.fromkeys(s for _, s in acc))

@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data.folder import atomic_write_text
-from .robustness import near_chance
+from ..data.folder import atomic_write_text
+from ..robustness import near_chance
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,10 @@ def train_zoo(suite, out, device="cpu", seed=0, members=None, progress=True):
 
     Returns the summary dicts (one per member, with its ID accuracy and whether it is on the line).
     """
-    from .data import load_dataset
-    from .evaluate import evaluate, read_results
-    from .study import write_config
-    from .train import TrainConfig, train
+    from ..data import load_dataset
+    from ..evaluate import evaluate, read_results
+    from .config import write_config
+    from ..train import TrainConfig, train
 
     if suite not in SUITES:
         raise ValueError(f"unknown baseline suite {suite!r}; choose from {list_suites()}")

@@ -16,27 +16,65 @@ import sys
 import threading
 import time
 
+from .. import context
+
 logger = logging.getLogger(__name__)
 
 OK, FAILED, UNSCORED = 0, 1, 2  # a worker's answer per cell: done, failed, trained but scoring failed
+
+
+def _child_device(device):
+    """The --device a child is given. A child sees only its own GPUs (`child_env`), so any CUDA device becomes
+    "cuda", which each of its ranks resolves to cuda:LOCAL_RANK; "cuda:0" would put every rank on one GPU."""
+    return "cuda" if str(device).startswith("cuda") else str(device)
+
+
+def child_env(slot, jobs, device, processes=1, gpus=None, base=None):
+    """The environment of a study's child process (a worker, or a launched cell of `processes` ranks).
+
+    Its threads are its share of the CPUs this process may use (`jobs` children at once, `processes` ranks
+    each). On CUDA it gets `processes` GPUs of `gpus` (default: the visible ones) round-robin from position
+    `slot`, as CUDA_VISIBLE_DEVICES; an index in --device is not kept, since each child counts from 0.
+    """
+    env = dict(os.environ if base is None else base)
+    env["OMP_NUM_THREADS"] = str(max(1, context.available_cpus() // (jobs * processes)))
+    if str(device).startswith("cuda"):
+        gpus = context.visible_gpus() if gpus is None else gpus
+        if len(gpus) < processes:
+            raise ValueError(f"a cell of {processes} processes needs {processes} GPUs, but {len(gpus)} are visible "
+                             f"({gpus}); lower `processes` in the study config or make more GPUs visible")
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(context.gpu_for_worker(slot + i, gpus) for i in range(processes))
+    return env
 
 
 def cell_command(c, config_path, out, device, cfg):
     """The command line that runs one cell in its own process(es): `genrobust study CONFIG --cell-index I`,
     under torchrun or accelerate launch when the config asks for several processes."""
     base = ["-m", "genrobust.cli", "study", str(config_path), "--out", str(out), "--cell-index", str(c.index),
-            "--device", str(device), "--quiet"]
+            "--device", _child_device(device), "--quiet"]
     n = _processes(c, cfg)
     if n == 1:
         return [sys.executable, *base]
     if cfg["launcher"] == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *base]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n), *base]
+    # --multi_gpu is accelerate's torchrun launcher (it runs on CPU too); a port of its own, since two cells
+    # may launch at once; genrobust sets mixed precision itself (--amp)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *base]
+
+
+def _free_port():
+    """A TCP port free on loopback now (the launcher binds it a moment later)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def worker_command(config_path, out, device):
     return [sys.executable, "-m", "genrobust.cli", "study", str(config_path), "--out", str(out), "--worker",
-            "--device", str(device), "--quiet"]
+            "--device", _child_device(device), "--quiet"]
 
 
 def _processes(c, cfg):
@@ -120,9 +158,10 @@ def run_in_processes(selected, config_path, out, device, jobs, cfg, progress, wa
     todo = sorted((c for c in todo if not waiting(c)), key=lambda c: -c.estimate_s)
     logs = pathlib.Path(out) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
+    gpus = context.visible_gpus() if str(device).startswith("cuda") else []
+    child_env(0, jobs, device, max((_processes(c, cfg) for c in todo), default=1), gpus)  # too few GPUs: now
     idle, running, ran, failed, bad = [], {}, [], [], set()
-    spawned = 0
+    spawned = slot = 0  # slot: the next GPU, round-robin over workers and launched cells alike
     bar = tqdm(total=len(todo), desc="study cells", unit="cell", disable=not progress)
     try:
         while todo or running:
@@ -133,13 +172,17 @@ def run_in_processes(selected, config_path, out, device, jobs, cfg, progress, wa
                     bad.add(c.index)
                 elif len(running) < jobs and all(d.cached() for d in c.deps):
                     todo.remove(c)
-                    if _processes(c, cfg) > 1:
-                        running[c.index] = _Launched(c, config_path, out, device, cfg, env)
+                    n = _processes(c, cfg)
+                    if n > 1:
+                        env = child_env(slot, jobs, device, n, gpus)
+                        running[c.index], slot = _Launched(c, config_path, out, device, cfg, env), slot + n
                         continue
                     if idle:
                         worker = idle.pop()
                     else:
+                        env = child_env(slot, jobs, device, 1, gpus)
                         worker, spawned = _Worker(spawned, config_path, out, device, env, logs), spawned + 1
+                        slot += 1
                     worker.start(c)
                     running[c.index] = worker
             for i, job in list(running.items()):
@@ -194,7 +237,8 @@ def _output_to(path):
 def serve(cfg, out, device="cpu", progress=False):
     """The worker loop: run the cell named on each input line, answer `cell INDEX STATUS` on the original
     stdout. Each cell's output goes to its own log; an exception fails that cell, not the worker."""
-    from .study import evaluate_cell, plan, run_cell
+    from .cells import evaluate_cell, run_cell
+    from .plan import plan
 
     answer = os.fdopen(os.dup(1), "w", buffering=1)  # the answers' own channel; any other output ...
     sys.stdout.flush()
