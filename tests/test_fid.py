@@ -84,3 +84,26 @@ def test_missing_weights_name_the_flag(tmp_path, monkeypatch):
     save_file({"w": torch.zeros(2)}, bad)
     with pytest.raises(ValueError, match="not the Inception-v3 FID weights"):
         F.load_inception(bad)
+
+
+def test_generate_stats_reports_fid_and_kid(weights, trained, tmp_path, capsys):
+    import json
+
+    from genrobust.data.folder import export_imageset
+    from helpers import digits_subset, fails
+
+    gen = export_imageset(digits_subset(per_class=2), tmp_path / "gen")
+    real = export_imageset(digits_subset(per_class=3, split="digits-mnist/test"), tmp_path / "real")
+    out = tmp_path / "stats.json"
+    from genrobust.cli import main
+    assert main(["generate", "stats", str(gen), "--classifier", str(trained["out"]), "--real",
+                 f"imagefolder:{real}", "--fid", "--inception-weights", str(weights / "inception.safetensors"),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())["fid"]
+    assert result["n_generated"] == 20 and result["n_real"] == 30 and result["fid"] > 0
+    assert f"FID (Inception-v3) to imagefolder:{real}: {result['fid']:.3f}" in capsys.readouterr().out
+    assert "give --real SPEC" in fails(capsys, ["generate", "stats", str(gen), "--classifier", str(trained["out"]),
+                                                "--fid"])
+    assert "--inception-weights" in fails(capsys, [
+        "generate", "stats", str(gen), "--classifier", str(trained["out"]), "--real", f"imagefolder:{real}",
+        "--fid", "--inception-weights", str(tmp_path / "missing.pth"), "--out", str(out)])

@@ -101,7 +101,12 @@ def _table(result):
         lines.append(f"{name:10s} {row['num_images']:7d} {fid['accuracy'] if fid else float('nan'):9.4f} "
                      f"{div['mean'] if div else float('nan'):10.4f}  " + " ".join(per))
     frechet = result["frechet"]
-    lines.append(f"Fréchet distance to {result['real']}: " + ("-" if frechet is None else f"{frechet:.3f}"))
+    lines.append(f"Fréchet distance of the classifier embeddings to {result['real']}: "
+                 + ("-" if frechet is None else f"{frechet:.3f}"))
+    if result.get("fid"):
+        f = result["fid"]
+        lines.append(f"FID (Inception-v3) to {result['real']}: {f['fid']:.3f}; KID: {f['kid_mean']:.5f} "
+                     f"± {f['kid_std']:.5f} ({f['n_generated']} generated, {f['n_real']} real images)")
     lines.append(f"per-class columns: fidelity; diversity = mean pairwise {result['metric']} distance within a class")
     return "\n".join(lines)
 
@@ -112,7 +117,8 @@ def cmd_stats(args):
     result = folder_stats(args.folder, real=args.real, classifier=args.classifier, embedder=args.embedder,
                           embedder_weights=args.embedder_weights, metric=args.metric,
                           device=context.resolve_device(args.device),
-                          batch_size=args.batch_size, out=args.out)
+                          batch_size=args.batch_size, out=args.out, fid=args.fid,
+                          inception_weights=args.inception_weights)
     print(_table(result))
     print(f"written to {result['path']}")
 
@@ -133,6 +139,11 @@ def add_stats_parser(sub, fmt, add_device):
     s.add_argument("--embedder-weights", default=None, help="local weights file for a timm --embedder")
     s.add_argument("--real", default=None, help="real dataset spec for the Fréchet distance (e.g. digits-mnist/test)")
     s.add_argument("--metric", choices=["cosine", "l2"], default="cosine", help="diversity distance")
+    s.add_argument("--fid", action="store_true",
+                   help="also FID and KID to --real on Inception-v3 features (torchmetrics), as papers report them")
+    s.add_argument("--inception-weights", default=None,
+                   help="the FID Inception weights file (pt_inception-2015-12-05-6726825d.pth or a .safetensors "
+                        "copy) for offline machines; None: torch hub's cache")
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--out", default=None, help="JSON file to write; None: FOLDER/stats.json")
     add_device(s)

@@ -300,6 +300,33 @@ class StreamedSet:
         yield from _readable(loader, self.name, len(self.files), self.max_corrupt, self.unreadable)
 
 
+INCEPTION_SIZE = (299, 299)
+
+
+def inception_batches(spec, batch_size=64, max_corrupt=0.01, workers=None):
+    """uint8 batches of the images `spec` names, for the Inception network: a folder's decoded as evaluation does
+    (shorter side to 299 px, centre crop; mixed sizes, modes and a few corrupt files welcome), a registered
+    dataset's as they are (torchmetrics resizes them to 299 px)."""
+    from .. import context
+    from ..data import load_dataset
+
+    spec, root = resolve_images(spec)
+    if root is None:
+        data = load_dataset(spec)
+        for i in range(0, len(data), batch_size):
+            yield data.images[i:i + batch_size]
+        return
+    from ..data.folder import list_labelled_files
+    from ..evaluate import FolderImages, _readable, _whole_batch
+
+    _, _, files, labels = list_labelled_files(root)
+    loader = torch.utils.data.DataLoader(
+        FolderImages(files, torch.as_tensor(labels), 3, INCEPTION_SIZE, 1.0, 0, "bicubic"), batch_size=batch_size,
+        num_workers=context.default_workers() if workers is None else workers, collate_fn=_whole_batch)
+    for x, _ in _readable(loader, f"imagefolder:{root}", len(files), max_corrupt, []):
+        yield x
+
+
 def _default_out(folder):
     root = resolve_images(folder)[1]
     if root is None:
@@ -308,7 +335,7 @@ def _default_out(folder):
 
 
 def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_weights=None, metric="cosine",
-                 device="cpu", batch_size=256, out=None, max_corrupt=0.01):
+                 device="cpu", batch_size=256, out=None, max_corrupt=0.01, fid=False, inception_weights=None):
     """Fidelity, diversity and Fréchet distance to `real` of a generated folder; writes them as JSON.
 
     Args:
@@ -322,12 +349,16 @@ def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_wei
         out: where to write the JSON; None writes `<folder>/stats.json`.
         max_corrupt: fraction of a folder's images (generated or real) that may be unreadable (skipped, and
             listed in its block's `unreadable`); more is an error.
+        fid: also FID and KID to `real` on Inception-v3 features (generate/fid.py), the metrics papers report;
+            `inception_weights` is the reference weights file (default: torch hub's cache).
     Returns the dict written: `generated` and `real` blocks (num_images, counts, fidelity, diversity),
     `frechet` (None without `real`), and what computed them.
     """
     if classifier is None and embedder is None:
         raise ValueError("generate stats needs --classifier (fidelity) and/or --embedder (diversity, Fréchet "
                          "distance); a checkpoint trained on the real data serves as both")
+    if fid and real is None:
+        raise ValueError("--fid compares the folder with a real set: give --real SPEC (e.g. imagefolder:PATH)")
     if metric not in METRICS:
         raise ValueError(f"unknown diversity metric {metric!r}; choose from {', '.join(METRICS)}")
     if out is None:
@@ -354,7 +385,14 @@ def folder_stats(folder, real=None, classifier=None, embedder=None, embedder_wei
             else _load_images(real, ref.channels)
         result["real_set"], real_emb = set_stats(real_data, classes, clf, emb_model, metric, device, batch_size)
         if gen_emb is not None:
-            result["frechet"] = frechet_distance(gen_emb, real_emb)
+            result["frechet"] = frechet_distance(gen_emb, real_emb)  # of the classifier's embeddings
+    result["fid"] = None
+    if fid:
+        from .fid import fid_kid, load_inception
+        load_inception(inception_weights)  # a missing or wrong weights file fails before any image is decoded
+        result["fid"] = fid_kid(real_batches=inception_batches(real, max_corrupt=max_corrupt),
+                                generated_batches=inception_batches(folder, max_corrupt=max_corrupt),
+                                weights=inception_weights, device=device)
     from ..data.folder import atomic_write_text
 
     path = pathlib.Path(out) if out else _default_out(folder)
