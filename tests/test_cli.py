@@ -270,3 +270,29 @@ def test_quickstart_reduced(capsys, tmp_path, tiny_generator_dir):
                            "train` and copy it there)")
 def test_quickstart_shipped_generator(capsys, tmp_path):
     _quickstart(capsys, tmp_path / "quickstart", [])
+
+
+def test_version_and_verbose_logging_stays_in_genrobust(capsys):
+    import logging
+
+    import genrobust
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"genrobust {genrobust.__version__}"
+    root = logging.getLogger().level
+    assert main(["-v", "list", "datasets"]) == 0
+    assert logging.getLogger("genrobust").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger().level == root  # the root logger is left alone
+    assert logging.getLogger("PIL").getEffectiveLevel() > logging.DEBUG  # no library's debug lines
+
+
+def test_robustness_without_er_says_why_in_its_error(tmp_path, capsys):
+    import json
+    rows = [{"model": "m", "checkpoint": "ck", "eval_set": "digits-uci", "role": "shift", "metric": "accuracy",
+             "value": 0.5, "n": 10}]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    zoo = tmp_path / "zoo.jsonl"
+    zoo.write_text(results.read_text())
+    line = fails(capsys, ["robustness", str(results), "--baseline", "testbed"])
+    assert "no effective robustness could be computed: " in line and "see the warnings above" not in line

@@ -324,7 +324,12 @@ def cmd_robustness(args):
     for w in warnings + more:
         logger.warning(w)
     if not er:
-        raise ValueError("no effective robustness could be computed; see the warnings above")
+        # the reasons go in the error itself: warnings may be filtered out, or scrolled away
+        why = (warnings + more)[:3] or [
+            "no top-1 shift row has an in-distribution row on the same classes (metrics in the file: "
+            f"{', '.join(sorted({str(r.get('metric')) for r in rows})) or 'none'}); score models with `genrobust "
+            "evaluate`, which writes top1 rows for the ID set and each shift"]
+        raise ValueError("no effective robustness could be computed: " + "; ".join(why))
     out = pathlib.Path(args.out or args.results[0])
     # ER rows of the same (checkpoint, eval set, metric, baseline) replace older ones: a rerun is no new seed
     new = {(r["checkpoint"], r["eval_set"], r["metric"], r["baseline"]) for r in er}
@@ -430,7 +435,11 @@ _FMT = argparse.ArgumentDefaultsHelpFormatter
 def build_parser():
     p = argparse.ArgumentParser(prog="genrobust", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"genrobust {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (genrobust's own, not other "
+                   "libraries')")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ls = sub.add_parser("list", formatter_class=_FMT,
@@ -678,6 +687,28 @@ def build_parser():
     return p
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record (tests and progress bars replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def _configure_logging(verbose):
+    """Only the `genrobust` logger is configured: -v shows genrobust's debug lines, not PIL's or torch's."""
+    log = logging.getLogger("genrobust")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv=None):
     from .registry import UnknownNameError
 
@@ -689,8 +720,7 @@ def main(argv=None):
             parse = [*argv[:i], f"generate-{argv[i + 1]}", *argv[i + 2:]]
     args = build_parser().parse_args(parse)
     args.argv = argv
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    _configure_logging(args.verbose)
     try:
         args.func(args)
     except (UnknownNameError, FileNotFoundError, NotADirectoryError, ValueError, FloatingPointError) as e:
