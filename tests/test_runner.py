@@ -93,7 +93,7 @@ def test_source_strategy_errors(tiny_images):
         create_strategy("label")(["cat"], None, 0, PROMPTS, per_image=2)
 
 
-def test_unreadable_sources_are_skipped_when_decoded_and_reported(tmp_path, tiny_images):
+def test_unreadable_sources_are_skipped_when_decoded_and_reported(tmp_path, tiny_images, caplog):
     root = tiny_images("src", classes=("cat",), per_class=3)
     bad = sorted((root / "cat").iterdir())[1]
     bad.write_bytes(b"not a png")
@@ -104,6 +104,8 @@ def test_unreadable_sources_are_skipped_when_decoded_and_reported(tmp_path, tiny
                            source=f"imagefolder:{root}", progress=False, max_corrupt=0.5)
     assert card["num_images"] == 2 and card["skipped_sources"] == [f"cat/{bad.name}"]
     assert card["quality_control"]["given_up"] == {"cat": 1}
+    assert "1 requests given up because their source image would not decode" in caplog.text
+    assert "failed quality control" not in caplog.text  # given up at once, not after max_attempts tries
     with pytest.raises(ValueError, match=r"1 of 3 source images .* unreadable \(e\.g\. cat/"):
         runner.generate(FakeGenerator(), "image", ["cat"], tmp_path / "g2", per_image=1,
                         source=f"imagefolder:{root}", progress=False)

@@ -215,7 +215,7 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
     total = sum(len(b) for b in mine)
     bar = tqdm(total=total, initial=total - sum(j.req.key not in done for b in queue for j in b),
                desc=f"generate {strategy}", disable=not progress, unit="img")
-    retries, given_up = [], 0
+    retries, given_up, sourceless = [], 0, 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         while queue or retries:
@@ -225,7 +225,11 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
             jobs = queue.pop(0)
             items, again = _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip)
             retries += again
-            given_up += sum(1 for it in items if it[1] is None)
+            lost = [it for it in items if it[1] is None]
+            # a request whose source would not decode is given up at once, not after max_attempts tries
+            unread = sum(1 for it in lost if it[2] and it[2][-1].get("reason") == UNREADABLE_SOURCE)
+            sourceless += unread
+            given_up += len(lost) - unread
             if pending is not None:
                 bar.update(pending.result())
             pending = pool.submit(_write_batch, out, shard, items, generator.info(), strategy)
@@ -235,6 +239,9 @@ def _run(generator, strategy, mine, done, out, shard, sources, seed, max_attempt
     if given_up:
         logger.warning("%s: %d requests failed quality control %d times and were given up", out, given_up,
                        max_attempts)
+    if sourceless:
+        logger.warning("%s: %d requests given up because their source image would not decode (the card's "
+                       "skipped_sources names the files)", out, sourceless)
 
 
 def _generate_batch(generator, jobs, done, sources, seed, max_attempts, clip=None):
