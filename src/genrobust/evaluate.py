@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.decode import whole_batch
 from .registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -296,9 +297,9 @@ class FolderImages(torch.utils.data.Dataset):
     """
 
     def __init__(self, files, labels, channels, size, crop_pct=0.875, border=0, interpolation="bicubic"):
-        from .train import _path_array
+        from .data.decode import path_array
 
-        self.files, self.labels = _path_array(files), labels
+        self.files, self.labels = path_array(files), labels
         self.channels, self.size, self.crop_pct, self.border = channels, tuple(size), crop_pct, border
         self.interpolation = interpolation
 
@@ -327,9 +328,6 @@ class FolderImages(torch.utils.data.Dataset):
         x = torch.stack(images) if images else torch.empty(0, c, h, w, dtype=torch.uint8)
         return x, torch.tensor(labels, dtype=torch.long), bad
 
-
-def _whole_batch(batch):
-    return batch  # FolderImages.__getitems__ returns the batch already stacked
 
 
 def _readable(loader, name, total, max_corrupt, unreadable):
@@ -445,7 +443,7 @@ class Scorer:
         # one pass per set: a loader per set, so persistent workers would only idle
         loader = torch.utils.data.DataLoader(
             FolderImages(files, labels, channels, size, crop_pct, s.border, interpolation),
-            batch_size=self.batch_size, num_workers=self.workers, collate_fn=_whole_batch,
+            batch_size=self.batch_size, num_workers=self.workers, collate_fn=whole_batch,
             pin_memory=str(self.device).startswith("cuda"), prefetch_factor=4 if self.workers > 0 else None)
         from tqdm.auto import tqdm
         unreadable = []

@@ -330,7 +330,8 @@ class _Plan:
 
 
 def _loader(data, size, plan, workers):
-    from .train import StreamingImages, _whole_batch
+    from .data.decode import whole_batch
+    from .train import StreamingImages
 
     if hasattr(data, "images"):
         return torch.utils.data.DataLoader(_MemoryImages(data, size), batch_sampler=plan, num_workers=workers,
@@ -341,7 +342,7 @@ def _loader(data, size, plan, workers):
                               max_corrupt=getattr(data, "max_corrupt", 0.01))
     plan.with_epoch = True
     batches = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=workers,
-                                          collate_fn=_whole_batch, prefetch_factor=4 if workers > 0 else None)
+                                          collate_fn=whole_batch, prefetch_factor=4 if workers > 0 else None)
     return _named_skips(batches)
 
 

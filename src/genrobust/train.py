@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import context
 from .augment import create_augmentation
+from .data import decode
 from .data.folder import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -296,7 +297,7 @@ class StreamingImages(torch.utils.data.Dataset):
     def __init__(self, files, labels, channels, size, interpolation="bilinear", *, train=True, seed=0,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip=False, crop_pct=0.875, draft=True,
                  max_corrupt=0.01):
-        self.files, self.labels = _path_array(files), torch.as_tensor(labels)
+        self.files, self.labels = decode.path_array(files), torch.as_tensor(labels)
         self.channels, self.size, self.interpolation = channels, tuple(size), interpolation
         self.train, self.seed, self.scale, self.ratio = train, seed, tuple(scale), tuple(ratio)
         self.flip, self.crop_pct, self.draft = flip, crop_pct, draft
@@ -336,26 +337,12 @@ class StreamingImages(torch.utils.data.Dataset):
     def decode(self, path, seed=0):
         import random
 
-        from .data import decode
-
         mode = "L" if self.channels == 1 else "RGB"
         if not self.train:
             return decode.eval_image(path, self.size, mode, self.crop_pct, self.interpolation)
         return decode.train_image(path, self.size, mode, random.Random(seed), self.scale, self.ratio,
                                   self.interpolation, self.flip, self.draft)
 
-
-def _path_array(files):
-    """Paths as one numpy bytes array: a forked worker reads it without touching a Python object per path, so
-    it shares the parent's pages rather than copying them (a list of 1.28 M str is refcounted page by page)."""
-    import numpy as np
-
-    return np.array([os.fsencode(f) for f in files], dtype=bytes)
-
-
-def _whole_batch(batch):
-    # StreamingImages.__getitems__ returns the batch already stacked
-    return batch
 
 
 class _PlanSampler:
@@ -384,7 +371,7 @@ class _Streamed:
         dataset = StreamingImages(data.files, data.labels, data.channels, size, interpolation, seed=seed,
                                   scale=scale, ratio=ratio, flip=flip, max_corrupt=self.max_corrupt)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=_whole_batch,
+            dataset, batch_sampler=self.sampler, num_workers=workers, collate_fn=decode.whole_batch,
             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None)
 

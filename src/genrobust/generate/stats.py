@@ -290,12 +290,13 @@ class StreamedSet:
 
     def batches(self):
         """uint8 batches at the model's size, and their labels."""
-        from ..evaluate import FolderImages, _preprocessing, _readable, _whole_batch
+        from ..data.decode import whole_batch
+        from ..evaluate import FolderImages, _preprocessing, _readable
 
         crop_pct, interpolation = _preprocessing(self.model.net, {})
         loader = torch.utils.data.DataLoader(
             FolderImages(self.files, self.listed, self.model.channels, self.model.size, crop_pct, 0, interpolation),
-            batch_size=self.batch_size, num_workers=self.workers, collate_fn=_whole_batch)
+            batch_size=self.batch_size, num_workers=self.workers, collate_fn=whole_batch)
         self.unreadable = []
         yield from _readable(loader, self.name, len(self.files), self.max_corrupt, self.unreadable)
 
@@ -317,12 +318,13 @@ def inception_batches(spec, batch_size=64, max_corrupt=0.01, workers=None):
             yield data.images[i:i + batch_size]
         return
     from ..data.folder import list_labelled_files
-    from ..evaluate import FolderImages, _readable, _whole_batch
+    from ..data.decode import whole_batch
+    from ..evaluate import FolderImages, _readable
 
     _, _, files, labels = list_labelled_files(root)
     loader = torch.utils.data.DataLoader(
         FolderImages(files, torch.as_tensor(labels), 3, INCEPTION_SIZE, 1.0, 0, "bicubic"), batch_size=batch_size,
-        num_workers=context.default_workers() if workers is None else workers, collate_fn=_whole_batch)
+        num_workers=context.default_workers() if workers is None else workers, collate_fn=whole_batch)
     for x, _ in _readable(loader, f"imagefolder:{root}", len(files), max_corrupt, []):
         yield x
 
